@@ -1,0 +1,430 @@
+//! Checkpoint files: PyTorch `.pth` (zip and legacy containers) and `.safetensors`,
+//! read into a flat [`StateDict`] of f32 tensors keyed by PyTorch names.
+//!
+//! Reading a checkpoint never executes code: `.pth` pickles are interpreted by the
+//! `pytorch-reader` crate, which only understands the calls PyTorch uses to rebuild tensors
+//! and honours stored strides and storage offsets. On top of it we refuse any pickle that
+//! names a global outside a small allowlist, as `torch.load(weights_only=True)` does.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use pytorch_reader::{DType, FileFormat, PickleValue, PytorchReader};
+
+/// A bad checkpoint: the file and what is wrong with it, printed on one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {problem}", path.display())]
+pub struct CheckpointError {
+    pub path: PathBuf,
+    pub problem: String,
+}
+
+impl CheckpointError {
+    pub fn new(path: &Path, problem: impl Into<String>) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The container a checkpoint came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// `torch.save` since PyTorch 1.6: a zip archive with `data.pkl` and one entry per storage.
+    Zip,
+    /// `torch.save(..., _use_new_zipfile_serialization=False)` and PyTorch before 1.6.
+    Legacy,
+    Safetensors,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Zip => "zip",
+            Format::Legacy => "legacy",
+            Format::Safetensors => "safetensors",
+        })
+    }
+}
+
+/// One tensor of a checkpoint, converted to f32 in logical row-major order.
+#[derive(Debug, Clone)]
+pub struct StoredTensor {
+    /// The dtype as stored (`float32`, `float16`, `int64`, ...), for reports.
+    pub dtype: &'static str,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl StoredTensor {
+    pub fn num_elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_float(&self) -> bool {
+        self.dtype.starts_with("float") || self.dtype == "bfloat16"
+    }
+}
+
+/// A flat state dict: PyTorch key -> tensor, ordered like `state_dict()` keys read naturally
+/// (`features.2` before `features.10`).
+#[derive(Debug, Clone)]
+pub struct StateDict {
+    pub format: Format,
+    pub path: PathBuf,
+    pub tensors: BTreeMap<NaturalKey, StoredTensor>,
+}
+
+/// A key that sorts numeric path components as numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NaturalKey(pub String);
+
+impl Ord for NaturalKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let a = self.0.split('.');
+        let b = other.0.split('.');
+        for (x, y) in a.zip(b) {
+            let ord = match (x.parse::<u64>(), y.parse::<u64>()) {
+                (Ok(m), Ok(n)) => m.cmp(&n),
+                _ => x.cmp(y),
+            };
+            if ord.is_ne() {
+                return ord;
+            }
+        }
+        self.0.split('.').count().cmp(&other.0.split('.').count())
+    }
+}
+
+impl PartialOrd for NaturalKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl StateDict {
+    pub fn get(&self, key: &str) -> Option<&StoredTensor> {
+        self.tensors.get(&NaturalKey(key.to_string()))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(|k| k.0.as_str())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &StoredTensor)> {
+        self.tensors.iter().map(|(k, v)| (k.0.as_str(), v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Total number of elements over floating-point tensors (parameters and float buffers).
+    pub fn num_params(&self) -> usize {
+        self.tensors
+            .values()
+            .filter(|t| t.is_float())
+            .map(StoredTensor::num_elements)
+            .sum()
+    }
+}
+
+/// Keys under which training scripts commonly nest the weights.
+const NESTING_KEYS: [&str; 4] = ["state_dict", "model_state_dict", "model", "net"];
+
+/// Read a checkpoint. `key` selects a nested state dict by dotted path (`--key`); without it
+/// a state dict nested under one of [`NESTING_KEYS`] is found automatically. A `module.`
+/// prefix on every key (DataParallel) is stripped.
+pub fn read(path: &Path, key: Option<&str>) -> Result<StateDict, CheckpointError> {
+    let mut head = [0u8; 16];
+    let n = File::open(path)
+        .and_then(|mut f| read_up_to(&mut f, &mut head))
+        .map_err(|e| CheckpointError::new(path, format!("cannot read file: {e}")))?;
+    if n == 0 {
+        return Err(CheckpointError::new(path, "file is empty"));
+    }
+    let (format, mut tensors) = if looks_like_safetensors(&head[..n]) {
+        (Format::Safetensors, read_safetensors(path)?)
+    } else {
+        read_pth(path, key)?
+    };
+    if format == Format::Safetensors
+        && let Some(key) = key
+    {
+        tensors = select_prefix(path, tensors, key)?;
+    }
+    if !tensors.is_empty() && tensors.keys().all(|k| k.0.starts_with("module.")) {
+        tensors = tensors
+            .into_iter()
+            .map(|(k, v)| (NaturalKey(k.0["module.".len()..].to_string()), v))
+            .collect();
+    }
+    if tensors.is_empty() {
+        return Err(CheckpointError::new(path, "holds no tensors"));
+    }
+    Ok(StateDict {
+        format,
+        path: path.to_path_buf(),
+        tensors,
+    })
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = f.read(&mut buf[filled..])?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}
+
+/// A safetensors file starts with a little-endian u64 header length, then a JSON object.
+fn looks_like_safetensors(head: &[u8]) -> bool {
+    head.len() > 8 && head[8] == b'{'
+}
+
+fn read_safetensors(path: &Path) -> Result<BTreeMap<NaturalKey, StoredTensor>, CheckpointError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| CheckpointError::new(path, format!("cannot read file: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| CheckpointError::new(path, format!("not a valid safetensors file: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        use safetensors::Dtype as S;
+        let dtype = match view.dtype() {
+            S::F32 => DType::F32,
+            S::F16 => DType::F16,
+            S::BF16 => DType::BF16,
+            S::F64 => DType::F64,
+            S::I64 => DType::I64,
+            S::I32 => DType::I32,
+            S::I16 => DType::I16,
+            S::I8 => DType::I8,
+            S::U8 => DType::U8,
+            S::BOOL => DType::Bool,
+            other => {
+                return Err(CheckpointError::new(
+                    path,
+                    format!("tensor '{name}' has unsupported dtype {other:?}"),
+                ));
+            }
+        };
+        let tensor = StoredTensor {
+            dtype: dtype_name(dtype),
+            shape: view.shape().to_vec(),
+            data: to_f32(dtype, view.data()),
+        };
+        out.insert(NaturalKey(name), tensor);
+    }
+    Ok(out)
+}
+
+fn read_pth(
+    path: &Path,
+    key: Option<&str>,
+) -> Result<(Format, BTreeMap<NaturalKey, StoredTensor>), CheckpointError> {
+    let pth_error = |e: pytorch_reader::PytorchError| {
+        CheckpointError::new(path, format!("not a readable PyTorch checkpoint ({e})"))
+    };
+    let tree = PytorchReader::read_pickle_data(path, None).map_err(pth_error)?;
+    if let Some(global) = first_disallowed_global(&tree) {
+        return Err(CheckpointError::new(
+            path,
+            format!(
+                "pickle references the global '{global}', which is not allowed in a weights file"
+            ),
+        ));
+    }
+    let prefix = match key {
+        Some(k) => Some(k.to_string()),
+        None => nested_state_dict_key(&tree).map(str::to_string),
+    };
+    let reader = PytorchReader::new(path).map_err(pth_error)?;
+    let format = match reader.metadata().format_type {
+        FileFormat::Zip => Format::Zip,
+        FileFormat::Legacy => Format::Legacy,
+        FileFormat::Tar => {
+            return Err(CheckpointError::new(
+                path,
+                "pre-0.1.10 TAR checkpoints are not supported; re-save it with torch.save",
+            ));
+        }
+        FileFormat::Pickle => {
+            return Err(CheckpointError::new(
+                path,
+                "a plain pickle without tensor storages, not a PyTorch checkpoint",
+            ));
+        }
+    };
+    let mut tensors = BTreeMap::new();
+    for (name, tensor) in reader.into_tensors() {
+        let bytes = tensor.read().map_err(|e| {
+            CheckpointError::new(path, format!("cannot read tensor '{name}': {e}"))
+        })?;
+        let stored = StoredTensor {
+            dtype: dtype_name(tensor.dtype()),
+            shape: tensor.shape().to_vec(),
+            data: to_f32(tensor.dtype(), &bytes),
+        };
+        tensors.insert(NaturalKey(name), stored);
+    }
+    let tensors = match prefix {
+        Some(p) => select_prefix(path, tensors, &p)?,
+        None => tensors,
+    };
+    Ok((format, tensors))
+}
+
+/// Keep only tensors under `prefix.` and strip it.
+fn select_prefix(
+    path: &Path,
+    tensors: BTreeMap<NaturalKey, StoredTensor>,
+    prefix: &str,
+) -> Result<BTreeMap<NaturalKey, StoredTensor>, CheckpointError> {
+    let dotted = format!("{prefix}.");
+    let selected: BTreeMap<_, _> = tensors
+        .into_iter()
+        .filter_map(|(k, v)| {
+            k.0.strip_prefix(&dotted)
+                .map(|rest| (NaturalKey(rest.to_string()), v))
+        })
+        .collect();
+    if selected.is_empty() {
+        return Err(CheckpointError::new(
+            path,
+            format!("no tensors under the key '{prefix}'"),
+        ));
+    }
+    Ok(selected)
+}
+
+/// The key of a state dict nested in a training checkpoint (`{"state_dict": {...}, ...}`).
+fn nested_state_dict_key(tree: &PickleValue) -> Option<&'static str> {
+    let PickleValue::Dict(root) = tree else {
+        return None;
+    };
+    NESTING_KEYS
+        .into_iter()
+        .find(|k| matches!(root.get(*k), Some(PickleValue::Dict(_))))
+}
+
+/// Python globals a weights file may reference (cf. torch's `weights_only` unpickler).
+/// Everything else, `os.system` or `builtins.eval` say, marks a file we refuse to load.
+fn global_is_allowed(name: &str) -> bool {
+    name.starts_with("torch.")
+        || name.starts_with("numpy.")
+        || matches!(
+            name,
+            "collections.OrderedDict"
+                | "builtins.set"
+                | "builtins.frozenset"
+                | "builtins.bytearray"
+                | "_codecs.encode"
+        )
+}
+
+fn first_disallowed_global(value: &PickleValue) -> Option<String> {
+    match value {
+        PickleValue::Unsupported(name) if !global_is_allowed(name) => Some(name.clone()),
+        PickleValue::List(items) => items.iter().find_map(first_disallowed_global),
+        PickleValue::Dict(map) => map.values().find_map(first_disallowed_global),
+        _ => None,
+    }
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F64 => "float64",
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        DType::I64 => "int64",
+        DType::I32 => "int32",
+        DType::I16 => "int16",
+        DType::I8 => "int8",
+        DType::U64 => "uint64",
+        DType::U32 => "uint32",
+        DType::U16 => "uint16",
+        DType::U8 => "uint8",
+        DType::Bool => "bool",
+    }
+}
+
+/// Convert little-endian element bytes to f32.
+fn to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    fn each<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
+        bytes
+            .chunks_exact(N)
+            .map(|c| f(c.try_into().expect("chunk of N bytes")))
+            .collect()
+    }
+    match dtype {
+        DType::F32 => each(bytes, f32::from_le_bytes),
+        DType::F64 => each(bytes, |b| f64::from_le_bytes(b) as f32),
+        DType::F16 => each(bytes, |b| half::f16::from_le_bytes(b).to_f32()),
+        DType::BF16 => each(bytes, |b| half::bf16::from_le_bytes(b).to_f32()),
+        DType::I64 => each(bytes, |b| i64::from_le_bytes(b) as f32),
+        DType::U64 => each(bytes, |b| u64::from_le_bytes(b) as f32),
+        DType::I32 => each(bytes, |b| i32::from_le_bytes(b) as f32),
+        DType::U32 => each(bytes, |b| u32::from_le_bytes(b) as f32),
+        DType::I16 => each(bytes, |b| i16::from_le_bytes(b) as f32),
+        DType::U16 => each(bytes, |b| u16::from_le_bytes(b) as f32),
+        DType::I8 => each(bytes, |b: [u8; 1]| b[0] as i8 as f32),
+        DType::U8 | DType::Bool => each(bytes, |b: [u8; 1]| b[0] as f32),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn natural_key_orders_numbers_numerically() {
+        let mut keys: Vec<NaturalKey> = ["features.10.weight", "features.2.weight", "fc.bias"]
+            .iter()
+            .map(|s| NaturalKey(s.to_string()))
+            .collect();
+        keys.sort();
+        let names: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        assert_eq!(
+            names,
+            ["fc.bias", "features.2.weight", "features.10.weight"]
+        );
+    }
+
+    #[test]
+    fn converts_half_precision_and_ints() {
+        let h = half::f16::from_f32(1.5).to_le_bytes();
+        assert_eq!(to_f32(DType::F16, &h), vec![1.5]);
+        let b = half::bf16::from_f32(-2.0).to_le_bytes();
+        assert_eq!(to_f32(DType::BF16, &b), vec![-2.0]);
+        assert_eq!(to_f32(DType::I64, &7i64.to_le_bytes()), vec![7.0]);
+    }
+
+    #[test]
+    fn allowlist_refuses_code_execution_globals() {
+        let tree = PickleValue::Dict(
+            [(
+                "x".to_string(),
+                PickleValue::List(vec![PickleValue::Unsupported("posix.system".into())]),
+            )]
+            .into_iter()
+            .collect(),
+        );
+        assert_eq!(first_disallowed_global(&tree).as_deref(), Some("posix.system"));
+        assert!(global_is_allowed("torch.float32"));
+        assert!(!global_is_allowed("builtins.eval"));
+    }
+}

