@@ -270,9 +270,9 @@ fn read_pth(
     };
     let mut tensors = BTreeMap::new();
     for (name, tensor) in reader.into_tensors() {
-        let bytes = tensor.read().map_err(|e| {
-            CheckpointError::new(path, format!("cannot read tensor '{name}': {e}"))
-        })?;
+        let bytes = tensor
+            .read()
+            .map_err(|e| CheckpointError::new(path, format!("cannot read tensor '{name}': {e}")))?;
         let stored = StoredTensor {
             dtype: dtype_name(tensor.dtype()),
             shape: tensor.shape().to_vec(),
@@ -423,7 +423,10 @@ mod tests {
             .into_iter()
             .collect(),
         );
-        assert_eq!(first_disallowed_global(&tree).as_deref(), Some("posix.system"));
+        assert_eq!(
+            first_disallowed_global(&tree).as_deref(),
+            Some("posix.system")
+        );
         assert!(global_is_allowed("torch.float32"));
         assert!(!global_is_allowed("builtins.eval"));
     }

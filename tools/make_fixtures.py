@@ -171,12 +171,13 @@ def write_lite0(wheels: Path):
     for photo in sorted(PHOTOS.iterdir()):
         img = Image.open(photo).convert("RGB")
         w, h = img.size
-        s = 256 / min(w, h)
-        img = img.resize((round(w * s), round(h * s)), Image.BILINEAR)
+        # torchvision's Resize(256): the shorter side to 256, the longer truncated.
+        size = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+        img = img.resize(size, Image.BILINEAR)
         w, h = img.size
         left, top = int(round((w - 224) / 2.0)), int(round((h - 224) / 2.0))
         img = img.crop((left, top, left + 224, top + 224))
-        t = torch.tensor(list(img.getdata()), dtype=torch.float32).reshape(224, 224, 3)
+        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float().reshape(224, 224, 3)
         t = ((t - 127.0) / 128.0).permute(2, 0, 1).unsqueeze(0)
         with torch.no_grad():
             probs = model(t).softmax(1)[0]

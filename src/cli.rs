@@ -1,0 +1,340 @@
+//! The `retrain` command line.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::checkpoint;
+use crate::load::{LoadOptions, load_pretrained, read_input};
+use crate::models::{Arch, ModelSpec, describe, detect};
+use crate::modules::{group, named_modules, render};
+use crate::output::write_safetensors;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "retrain",
+    version,
+    about = "Transfer learning for image classifiers from PyTorch checkpoints"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List a checkpoint's tensors and recognise its architecture.
+    Inspect {
+        file: PathBuf,
+        /// Dotted key of a nested state dict (e.g. `state_dict`).
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the network's modules, like PyTorch's `print(net)` / `named_modules()`.
+    Modules {
+        #[arg(long)]
+        arch: Option<Arch>,
+        #[arg(long)]
+        num_classes: Option<usize>,
+        #[command(flatten)]
+        weights: WeightsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Eval-mode forward of an NCHW f32 tensor; writes `logits` and `embedding`.
+    Forward {
+        #[arg(long)]
+        arch: Option<Arch>,
+        #[command(flatten)]
+        weights: WeightsArgs,
+        /// A safetensors file with the input batch.
+        #[arg(long)]
+        input: PathBuf,
+        /// Name of the input tensor (default: the only one, or `input`).
+        #[arg(long)]
+        input_tensor: Option<String>,
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Classify images with a pretrained checkpoint.
+    Predict {
+        #[arg(long)]
+        arch: Option<Arch>,
+        #[command(flatten)]
+        weights: WeightsArgs,
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct WeightsArgs {
+    /// Checkpoint: `.pth` (zip or legacy) or `.safetensors`.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Dotted key of a nested state dict (found automatically under
+    /// `state_dict`, `model_state_dict`, `model`, `net`).
+    #[arg(long)]
+    key: Option<String>,
+    /// Load even when tensors outside the head are missing, unexpected or reshaped.
+    #[arg(long)]
+    allow_partial: bool,
+}
+
+impl WeightsArgs {
+    fn options(&self, arch: Option<Arch>, num_classes: Option<usize>) -> LoadOptions {
+        LoadOptions {
+            arch,
+            num_classes,
+            key: self.key.clone(),
+            allow_partial: self.allow_partial,
+        }
+    }
+
+    fn required(&self) -> anyhow::Result<&Path> {
+        self.weights
+            .as_deref()
+            .context("--weights FILE is required for this command")
+    }
+}
+
+/// A tensor's values as f32, row-major.
+pub fn to_vec<const D: usize>(t: Tensor<D>) -> anyhow::Result<Vec<f32>> {
+    t.try_into_vec_as::<f32>()
+        .map_err(|e| anyhow::anyhow!("reading a tensor back: {e:?}"))
+}
+
+pub fn device() -> Device {
+    Device::flex()
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inspect { file, key, json } => inspect(&file, key.as_deref(), json),
+        Command::Modules {
+            arch,
+            num_classes,
+            weights,
+            json,
+        } => modules(arch, num_classes, &weights, json),
+        Command::Forward {
+            arch,
+            weights,
+            input,
+            input_tensor,
+            output,
+        } => forward(arch, &weights, &input, input_tensor.as_deref(), &output),
+        Command::Predict {
+            arch,
+            weights,
+            top_k,
+            json,
+            images,
+        } => predict(arch, &weights, top_k, json, &images),
+    }
+}
+
+#[derive(Serialize)]
+struct TensorEntry<'a> {
+    name: &'a str,
+    dtype: &'a str,
+    shape: &'a [usize],
+}
+
+#[derive(Serialize)]
+struct HeadInfo {
+    tensors: Vec<String>,
+    num_classes: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct InspectOutput<'a> {
+    format: checkpoint::Format,
+    tensors: Vec<TensorEntry<'a>>,
+    num_params: usize,
+    architecture: Option<String>,
+    head: Option<HeadInfo>,
+}
+
+fn inspect(file: &Path, key: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let sd = checkpoint::read(file, key)?;
+    let detected = detect(&sd);
+    let out = InspectOutput {
+        format: sd.format,
+        tensors: sd
+            .iter()
+            .map(|(name, t)| TensorEntry {
+                name,
+                dtype: t.dtype,
+                shape: &t.shape,
+            })
+            .collect(),
+        num_params: sd.num_params(),
+        architecture: detected.as_ref().map(|s| s.arch.to_string()),
+        head: detected.as_ref().map(|s| HeadInfo {
+            tensors: s.head_tensors().iter().map(|t| t.to_string()).collect(),
+            num_classes: Some(s.num_classes),
+        }),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("{} ({} format)", file.display(), out.format);
+    for t in &out.tensors {
+        println!("  {:<48} {:<9} {:?}", t.name, t.dtype, t.shape);
+    }
+    println!(
+        "{} tensors, {} parameters",
+        out.tensors.len(),
+        group(out.num_params)
+    );
+    match &detected {
+        Some(spec) => println!(
+            "architecture: {}; head: {} ({} classes)",
+            describe(spec),
+            spec.head_tensors().join(", "),
+            spec.num_classes
+        ),
+        None => println!("architecture: not recognised"),
+    }
+    Ok(())
+}
+
+fn modules(
+    arch: Option<Arch>,
+    num_classes: Option<usize>,
+    weights: &WeightsArgs,
+    json: bool,
+) -> anyhow::Result<()> {
+    let device = device();
+    let (model, spec) = match &weights.weights {
+        Some(path) => {
+            let loaded = load_pretrained(path, &weights.options(arch, num_classes), &device)?;
+            eprintln!("{}", loaded.report);
+            (loaded.model, loaded.spec)
+        }
+        None => {
+            let arch = arch.context("pass --arch (or --weights to detect it)")?;
+            let spec = ModelSpec::new(arch, num_classes.unwrap_or(1000));
+            (spec.build(&device), spec)
+        }
+    };
+    let list = named_modules(&model, &root_type(&spec), &|_| false);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        print!("{}", render(&list));
+    }
+    Ok(())
+}
+
+fn root_type(spec: &ModelSpec) -> String {
+    match spec.arch {
+        Arch::MobileNetV2 => "MobileNetV2",
+        Arch::ResNet18 | Arch::ResNet34 | Arch::ResNet50 => "ResNet",
+        Arch::EfficientNetLite0 => "EfficientNet",
+    }
+    .to_string()
+}
+
+fn forward(
+    arch: Option<Arch>,
+    weights: &WeightsArgs,
+    input: &Path,
+    input_tensor: Option<&str>,
+    output: &Path,
+) -> anyhow::Result<()> {
+    let device = device();
+    let loaded = load_pretrained(weights.required()?, &weights.options(arch, None), &device)?;
+    eprintln!("{}", loaded.report);
+    let (data, dims) = read_input(input, input_tensor)?;
+    let x = Tensor::<4>::from_data(TensorData::new(data, dims), &device);
+    let embedding = loaded.model.embed(x);
+    let logits = loaded.model.forward_head(embedding.clone());
+    let to_entry = |name: &str, t: Tensor<2>| -> anyhow::Result<(String, Vec<usize>, Vec<f32>)> {
+        let shape = t.dims().to_vec();
+        Ok((name.to_string(), shape, to_vec(t)?))
+    };
+    write_safetensors(
+        output,
+        &[
+            to_entry("logits", logits)?,
+            to_entry("embedding", embedding)?,
+        ],
+    )?;
+    eprintln!("wrote {}", output.display());
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Prediction {
+    image: String,
+    top: Vec<TopClass>,
+}
+
+#[derive(Serialize)]
+struct TopClass {
+    index: usize,
+    label: String,
+    prob: f32,
+}
+
+fn predict(
+    arch: Option<Arch>,
+    weights: &WeightsArgs,
+    top_k: usize,
+    json: bool,
+    images: &[PathBuf],
+) -> anyhow::Result<()> {
+    let device = device();
+    let loaded = load_pretrained(weights.required()?, &weights.options(arch, None), &device)?;
+    eprintln!("{}", loaded.report);
+    let config = loaded.spec.pretrained_config();
+    let size = config.preprocess.input_size;
+    let mut predictions = Vec::new();
+    for path in images {
+        let pixels = config.preprocess.load(path)?;
+        let x = Tensor::<4>::from_data(TensorData::new(pixels, [1, 3, size, size]), &device);
+        let probs = to_vec(softmax(loaded.model.forward(x), 1))?;
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        let top = order
+            .into_iter()
+            .take(top_k)
+            .map(|index| TopClass {
+                index,
+                label: config
+                    .class_names
+                    .as_ref()
+                    .map_or_else(|| format!("class {index}"), |n| n[index].clone()),
+                prob: probs[index],
+            })
+            .collect();
+        predictions.push(Prediction {
+            image: path.display().to_string(),
+            top,
+        });
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&predictions)?);
+    } else {
+        for p in &predictions {
+            println!("{}", p.image);
+            for t in &p.top {
+                println!("  {:>6.2}%  {} ({})", t.prob * 100.0, t.label, t.index);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! retrain: transfer learning for image classifiers from PyTorch checkpoints, in Rust.
+//!
+//! One module per concern: [`checkpoint`] reads `.pth` / `.safetensors` files, [`models`]
+//! holds the networks (PyTorch key layout, timm-like interface), [`load`] puts a
+//! checkpoint into a network and reports what it did, [`modules`] is the `named_modules()`
+//! view, [`preprocess`] decodes and transforms images, [`output`] writes files atomically,
+//! and [`cli`] is the command line on top.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod load;
+pub mod models;
+pub mod modules;
+pub mod output;
+pub mod preprocess;

@@ -1,0 +1,342 @@
+//! Putting a checkpoint into a network: resolve the architecture, resize the head to the
+//! requested classes, load everything else, and say exactly what happened.
+
+use std::fmt;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use burn::prelude::*;
+use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, bridge};
+use serde::Serialize;
+
+use crate::checkpoint::{self, StateDict};
+use crate::models::{Arch, Model, ModelSpec, describe, detect};
+
+/// A head tensor whose shape changed: re-initialised instead of loaded.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeadChange {
+    pub name: String,
+    /// Shape in the checkpoint; `None` when the checkpoint has no head.
+    pub old_shape: Option<Vec<usize>>,
+    pub new_shape: Vec<usize>,
+}
+
+/// What a load did, tensor by tensor.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub checkpoint: String,
+    pub format: checkpoint::Format,
+    pub architecture: String,
+    pub num_classes: usize,
+    pub loaded: Vec<String>,
+    pub num_loaded_values: usize,
+    pub head_reinitialized: Vec<HeadChange>,
+    /// Model tensors the checkpoint lacks (outside the head); left at random init.
+    pub missing: Vec<String>,
+    /// Checkpoint tensors the model has no place for.
+    pub unexpected: Vec<String>,
+    /// Outside the head, present in both but with different shapes; left at random init.
+    pub shape_mismatch: Vec<HeadChange>,
+    /// Buffers PyTorch keeps and retrain does not need (`num_batches_tracked`).
+    pub ignored_buffers: Vec<String>,
+}
+
+impl LoadReport {
+    fn is_clean(&self) -> bool {
+        self.missing.is_empty() && self.unexpected.is_empty() && self.shape_mismatch.is_empty()
+    }
+}
+
+fn shape_str(s: &Option<Vec<usize>>) -> String {
+    match s {
+        Some(s) => format!("{s:?}"),
+        None => "absent".to_string(),
+    }
+}
+
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "Loaded {} ({}) into {} with {} classes",
+            self.checkpoint, self.format, self.architecture, self.num_classes
+        )?;
+        writeln!(
+            f,
+            "  loaded:              {} tensors ({} values)",
+            self.loaded.len(),
+            self.num_loaded_values
+        )?;
+        let list = |f: &mut fmt::Formatter<'_>, label: &str, items: &[String]| {
+            if items.is_empty() {
+                writeln!(f, "  {label:<21}none")
+            } else {
+                writeln!(f, "  {label:<21}{}", items.join(", "))
+            }
+        };
+        let changes = |c: &[HeadChange]| -> Vec<String> {
+            c.iter()
+                .map(|h| {
+                    format!(
+                        "{} {} -> {:?}",
+                        h.name,
+                        shape_str(&h.old_shape),
+                        h.new_shape
+                    )
+                })
+                .collect()
+        };
+        list(
+            f,
+            "head re-initialised:",
+            &changes(&self.head_reinitialized),
+        )?;
+        list(f, "missing:", &self.missing)?;
+        list(f, "unexpected:", &self.unexpected)?;
+        list(f, "shape mismatch:", &changes(&self.shape_mismatch))?;
+        let ignored = if self.ignored_buffers.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{} (num_batches_tracked)", self.ignored_buffers.len())
+        };
+        write!(f, "  {:<21}{ignored}", "ignored buffers:")
+    }
+}
+
+/// A network with its weights, its spec and the report of how they were loaded.
+pub struct Loaded {
+    pub model: Model,
+    pub spec: ModelSpec,
+    pub report: LoadReport,
+}
+
+/// Options of a load, as the CLI passes them.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub arch: Option<Arch>,
+    pub num_classes: Option<usize>,
+    /// Dotted path of a state dict nested in the checkpoint (`--key`).
+    pub key: Option<String>,
+    /// Accept missing, unexpected or mismatched tensors outside the head.
+    pub allow_partial: bool,
+}
+
+/// Read a checkpoint and build the network it fits, with the head resized to
+/// `options.num_classes`.
+pub fn load_pretrained(
+    path: &Path,
+    options: &LoadOptions,
+    device: &Device,
+) -> anyhow::Result<Loaded> {
+    let sd = checkpoint::read(path, options.key.as_deref())?;
+    let detected = detect(&sd);
+    let mut spec = match (options.arch, &detected) {
+        (Some(arch), Some(found)) if found.arch != arch => bail!(
+            "{}: this checkpoint looks like {}, not {arch}; pass --arch {} or leave --arch out",
+            path.display(),
+            describe(found),
+            found.arch
+        ),
+        (_, Some(found)) => found.clone(),
+        (Some(arch), None) => ModelSpec::new(arch, 1000),
+        (None, None) => bail!(
+            "{}: cannot tell the architecture from the checkpoint's keys; pass --arch (one of {})",
+            path.display(),
+            Arch::ALL.map(Arch::name).join(", ")
+        ),
+    };
+    if let Some(n) = options.num_classes {
+        spec.num_classes = n;
+    }
+    let mut model = spec.build(device);
+    let report = apply_state_dict(&mut model, &spec, &sd, options.allow_partial)?;
+    Ok(Loaded {
+        model,
+        spec,
+        report,
+    })
+}
+
+/// The model's tensors as PyTorch names them, with PyTorch's shapes.
+pub fn torch_tensors(model: &Model) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    model
+        .valid()
+        .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
+        .into_iter()
+        .map(|t| {
+            let name = t.name.clone();
+            let data = bridge::into_data(t).expect("in-memory tensor");
+            let shape = data.shape().to_vec();
+            let values = data.try_into_vec_as::<f32>().expect("float tensor");
+            (name, shape, values)
+        })
+        .collect()
+}
+
+/// Copy matching tensors from `sd` into `model`, re-initialising the head where its shape
+/// differs. Errors on any other mismatch unless `allow_partial`, and always when the
+/// checkpoint fits almost nothing.
+pub fn apply_state_dict(
+    model: &mut Model,
+    spec: &ModelSpec,
+    sd: &StateDict,
+    allow_partial: bool,
+) -> anyhow::Result<LoadReport> {
+    let head = spec.head_tensors();
+    let expected: Vec<(String, Vec<usize>)> = model
+        .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
+        .into_iter()
+        .map(|t| (t.name.clone(), t.shape.to_vec()))
+        .collect();
+    let mut report = LoadReport {
+        checkpoint: sd.path.display().to_string(),
+        format: sd.format,
+        architecture: describe(spec),
+        num_classes: spec.num_classes,
+        loaded: Vec::new(),
+        num_loaded_values: 0,
+        head_reinitialized: Vec::new(),
+        missing: Vec::new(),
+        unexpected: Vec::new(),
+        shape_mismatch: Vec::new(),
+        ignored_buffers: Vec::new(),
+    };
+    let mut packs = Vec::new();
+    for (name, shape) in &expected {
+        let is_head = head.contains(&name.as_str());
+        match sd.get(name) {
+            Some(t) if &t.shape == shape => {
+                packs.push(bridge::from_data(
+                    TensorData::new(t.data.clone(), t.shape.clone()),
+                    name.clone(),
+                    None,
+                ));
+                report.num_loaded_values += t.data.len();
+                report.loaded.push(name.clone());
+            }
+            found => {
+                let change = HeadChange {
+                    name: name.clone(),
+                    old_shape: found.map(|t| t.shape.clone()),
+                    new_shape: shape.clone(),
+                };
+                if is_head {
+                    report.head_reinitialized.push(change);
+                } else if found.is_some() {
+                    report.shape_mismatch.push(change);
+                } else {
+                    report.missing.push(name.clone());
+                }
+            }
+        }
+    }
+    for name in sd.keys() {
+        if expected.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        if name.ends_with("num_batches_tracked") {
+            report.ignored_buffers.push(name.to_string());
+        } else {
+            report.unexpected.push(name.to_string());
+        }
+    }
+
+    if report.loaded.len() * 2 < expected.len() {
+        let hint = match detect(sd) {
+            Some(found) => format!("it looks like {}", describe(&found)),
+            None => "its keys match no supported architecture".to_string(),
+        };
+        bail!(
+            "{}: the checkpoint fits almost nothing in {} ({} of {} tensors); {hint}",
+            sd.path.display(),
+            report.architecture,
+            report.loaded.len(),
+            expected.len()
+        );
+    }
+    if !report.is_clean() && !allow_partial {
+        bail!(
+            "{}: the checkpoint does not match {} outside the head \
+             ({} missing, {} unexpected, {} with other shapes; first: {}); \
+             pass --allow-partial to load it anyway",
+            sd.path.display(),
+            report.architecture,
+            report.missing.len(),
+            report.unexpected.len(),
+            report.shape_mismatch.len(),
+            report
+                .missing
+                .iter()
+                .chain(&report.unexpected)
+                .chain(report.shape_mismatch.iter().map(|c| &c.name))
+                .next()
+                .map(String::as_str)
+                .unwrap_or("")
+        );
+    }
+
+    let result = model.apply(packs, None, Some(Box::new(PyTorchToBurnAdapter)), true);
+    if !result.errors.is_empty() || result.applied.len() != report.loaded.len() {
+        bail!(
+            "{}: applying the weights failed ({} of {} applied): {}",
+            sd.path.display(),
+            result.applied.len(),
+            report.loaded.len(),
+            result
+                .errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    Ok(report)
+}
+
+/// Read the tensor `name` of a safetensors file as NCHW f32 input.
+pub fn read_input(path: &Path, name: Option<&str>) -> anyhow::Result<(Vec<f32>, [usize; 4])> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
+    let names = st.names();
+    let name = match name {
+        Some(n) => n.to_string(),
+        None if names.len() == 1 => names[0].to_string(),
+        None if names.iter().any(|n| *n == "input") => "input".to_string(),
+        None => bail!(
+            "{}: holds several tensors ({}); choose one with --input-tensor",
+            path.display(),
+            names.join(", ")
+        ),
+    };
+    let view = st
+        .tensor(&name)
+        .map_err(|e| anyhow::anyhow!("{}: tensor '{name}': {e}", path.display()))?;
+    if view.dtype() != safetensors::Dtype::F32 {
+        bail!(
+            "{}: tensor '{name}' is {:?}, expected F32",
+            path.display(),
+            view.dtype()
+        );
+    }
+    let dims: [usize; 4] = view.shape().try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "{}: tensor '{name}' has shape {:?}, expected NCHW",
+            path.display(),
+            view.shape()
+        )
+    })?;
+    if dims[1] != 3 {
+        bail!(
+            "{}: tensor '{name}' has {} channels, expected 3",
+            path.display(),
+            dims[1]
+        );
+    }
+    let data = view
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((data, dims))
+}

