@@ -9,10 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::checkpoint;
-use crate::load::{LoadOptions, load_pretrained, read_input};
+use crate::load::{LoadOptions, Loaded, load_pretrained, read_input};
 use crate::models::{Arch, ModelSpec, describe, detect};
 use crate::modules::{group, named_modules, render};
-use crate::output::write_safetensors;
+use crate::output::{write_atomic, write_safetensors};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -89,6 +89,9 @@ struct WeightsArgs {
     /// Load even when tensors outside the head are missing, unexpected or reshaped.
     #[arg(long)]
     allow_partial: bool,
+    /// Also write the load report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    load_report: Option<PathBuf>,
 }
 
 impl WeightsArgs {
@@ -101,10 +104,26 @@ impl WeightsArgs {
         }
     }
 
-    fn required(&self) -> anyhow::Result<&Path> {
-        self.weights
+    /// Load the checkpoint, print the report to stderr and write it where asked.
+    fn load(
+        &self,
+        arch: Option<Arch>,
+        num_classes: Option<usize>,
+        device: &Device,
+    ) -> anyhow::Result<Loaded> {
+        let path = self
+            .weights
             .as_deref()
-            .context("--weights FILE is required for this command")
+            .context("--weights FILE is required for this command")?;
+        let loaded = load_pretrained(path, &self.options(arch, num_classes), device)?;
+        eprintln!("{}", loaded.report);
+        if let Some(out) = &self.load_report {
+            write_atomic(
+                out,
+                serde_json::to_string_pretty(&loaded.report)?.as_bytes(),
+            )?;
+        }
+        Ok(loaded)
     }
 }
 
@@ -219,9 +238,8 @@ fn modules(
 ) -> anyhow::Result<()> {
     let device = device();
     let (model, spec) = match &weights.weights {
-        Some(path) => {
-            let loaded = load_pretrained(path, &weights.options(arch, num_classes), &device)?;
-            eprintln!("{}", loaded.report);
+        Some(_) => {
+            let loaded = weights.load(arch, num_classes, &device)?;
             (loaded.model, loaded.spec)
         }
         None => {
@@ -256,8 +274,7 @@ fn forward(
     output: &Path,
 ) -> anyhow::Result<()> {
     let device = device();
-    let loaded = load_pretrained(weights.required()?, &weights.options(arch, None), &device)?;
-    eprintln!("{}", loaded.report);
+    let loaded = weights.load(arch, None, &device)?;
     let (data, dims) = read_input(input, input_tensor)?;
     let x = Tensor::<4>::from_data(TensorData::new(data, dims), &device);
     let embedding = loaded.model.embed(x);
@@ -298,8 +315,7 @@ fn predict(
     images: &[PathBuf],
 ) -> anyhow::Result<()> {
     let device = device();
-    let loaded = load_pretrained(weights.required()?, &weights.options(arch, None), &device)?;
-    eprintln!("{}", loaded.report);
+    let loaded = weights.load(arch, None, &device)?;
     let config = loaded.spec.pretrained_config();
     let size = config.preprocess.input_size;
     let mut predictions = Vec::new();

@@ -302,7 +302,7 @@ pub fn read_input(path: &Path, name: Option<&str>) -> anyhow::Result<(Vec<f32>, 
     let name = match name {
         Some(n) => n.to_string(),
         None if names.len() == 1 => names[0].to_string(),
-        None if names.iter().any(|n| *n == "input") => "input".to_string(),
+        None if names.contains(&"input") => "input".to_string(),
         None => bail!(
             "{}: holds several tensors ({}); choose one with --input-tensor",
             path.display(),

@@ -39,8 +39,6 @@ struct TreeBuilder<'a> {
     modules: Vec<ModuleInfo>,
     /// Index into `modules`, or `None` for a level PyTorch does not name (enum variant).
     stack: Vec<Option<usize>>,
-    /// Names of the parameter-holding leaves entered but not yet visited.
-    pending_leaf: Option<String>,
     is_frozen: &'a dyn Fn(&str) -> bool,
 }
 
@@ -50,22 +48,21 @@ impl TreeBuilder<'_> {
     }
 }
 
-fn display_type(container: &str) -> String {
-    match container {
-        "Vec" => "Sequential".to_string(),
-        other => other
-            .strip_prefix("Struct:")
-            .or_else(|| other.strip_prefix("Enum:"))
-            .unwrap_or(other)
-            .to_string(),
+/// burn's type names where PyTorch's differ.
+fn torch_type(burn_type: &str) -> &str {
+    match burn_type {
+        "BatchNorm" => "BatchNorm2d",
+        "Relu" => "ReLU",
+        "Relu6" => "ReLU6",
+        other => other,
     }
 }
 
 /// PyTorch's name for a burn parameter field.
 fn torch_param_name(kind: &str, field: &str) -> String {
     match (kind, field) {
-        ("BatchNorm", "gamma") => "weight".to_string(),
-        ("BatchNorm", "beta") => "bias".to_string(),
+        ("BatchNorm2d", "gamma") => "weight".to_string(),
+        ("BatchNorm2d", "beta") => "bias".to_string(),
         _ => field.to_string(),
     }
 }
@@ -73,28 +70,24 @@ fn torch_param_name(kind: &str, field: &str) -> String {
 impl ModuleVisitor for TreeBuilder<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         let parent = self.current();
-        if matches!(self.stack.last(), Some(Some(_)) | None) {
-            // The parent's type comes with its first child.
-            if self.modules[parent].kind.is_empty() || container_type != "Vec" {
-                self.modules[parent].kind = display_type(container_type);
-            }
-        }
+        let kind = &mut self.modules[parent].kind;
         if container_type.starts_with("Enum:") {
+            // Enum variants are named after the PyTorch class they stand for.
+            *kind = name.to_string();
             self.stack.push(None);
-            if self.modules[parent]
-                .kind
-                .starts_with(container_type.trim_start_matches("Enum:"))
-            {
-                self.modules[parent].kind = name.to_string();
-            }
             return;
+        }
+        if kind.is_empty() {
+            *kind = match container_type.strip_prefix("Struct:") {
+                Some(t) => torch_type(t).to_string(),
+                None => "Sequential".to_string(),
+            };
         }
         let full = if self.modules[parent].name.is_empty() {
             name.to_string()
         } else {
             format!("{}.{name}", self.modules[parent].name)
         };
-        self.pending_leaf = Some(name.to_string());
         self.modules.push(ModuleInfo {
             name: full,
             kind: String::new(),
@@ -106,7 +99,15 @@ impl ModuleVisitor for TreeBuilder<'_> {
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.stack.pop();
+        // A field entered that held nothing (an absent `Option`, like a conv without bias)
+        // is not a module.
+        if let Some(Some(i)) = self.stack.pop()
+            && i == self.modules.len() - 1
+            && self.modules[i].kind.is_empty()
+            && self.modules[i].params.is_empty()
+        {
+            self.modules.pop();
+        }
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
@@ -114,8 +115,8 @@ impl ModuleVisitor for TreeBuilder<'_> {
         let Some(Some(leaf)) = self.stack.last().copied() else {
             return;
         };
-        let field = self.pending_leaf.take().unwrap_or_default();
         let info = self.modules.remove(leaf);
+        let field = info.name.rsplit('.').next().unwrap_or_default().to_string();
         *self.stack.last_mut().expect("leaf on stack") = None;
         let owner = self.current();
         let kind = self.modules[owner].kind.clone();
@@ -162,7 +163,6 @@ pub fn named_modules(
             num_params: 0,
         }],
         stack: Vec::new(),
-        pending_leaf: None,
         is_frozen,
     };
     model.visit(&mut builder);
@@ -247,7 +247,7 @@ pub fn group(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -120,6 +120,17 @@ def write_parity(name: str, arch: str, model: nn.Module, size: int, seed: int):
     return model
 
 
+def write_named_modules(name: str, model: nn.Module):
+    """`named_modules()` with each module's own parameters and buffers, for the view test."""
+    out = []
+    for mname, m in model.named_modules():
+        own = {k: list(v.shape) for k, v in m.named_parameters(recurse=False)}
+        own |= {k: list(v.shape) for k, v in m.named_buffers(recurse=False)
+                if k != "num_batches_tracked"}
+        out.append({"name": mname, "type": type(m).__name__, "params": own})
+    (OUT / f"{name}_modules.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
 def write_reader_edge_cases(mbv2: nn.Module):
     # A training checkpoint: nested under "state_dict", DataParallel prefix, f16 weights.
     sd = {f"module.{k}": (v.half() if v.is_floating_point() else v)
@@ -208,10 +219,12 @@ def main():
 
     mbv2 = torchvision.models.mobilenet_v2(width_mult=0.25, num_classes=10)
     write_parity("mbv2_w025", "mobilenet_v2", mbv2, 64, seed=1)
-    write_parity("resnet18_w16", "resnet",
-                 narrow_resnet(BasicBlock, [2, 2, 2, 2], 16, 10), 64, seed=2)
+    resnet18 = narrow_resnet(BasicBlock, [2, 2, 2, 2], 16, 10)
+    write_parity("resnet18_w16", "resnet", resnet18, 64, seed=2)
+    write_named_modules("resnet18_w16", resnet18)
     write_parity("resnet50_w8", "resnet",
                  narrow_resnet(Bottleneck, [3, 4, 6, 3], 8, 10), 64, seed=3)
+    write_named_modules("mbv2_w025", mbv2)
     write_reader_edge_cases(mbv2)
     write_imagenet_labels()
     if args.wheels:

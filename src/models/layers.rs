@@ -9,6 +9,7 @@
 use burn::module::Module;
 use burn::nn::activation::Relu6;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::MaxPool2d;
 use burn::nn::{
     BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Initializer, Linear, LinearConfig,
     PaddingConfig2d, Relu,
@@ -16,26 +17,29 @@ use burn::nn::{
 use burn::prelude::*;
 
 /// One child of a PyTorch `nn.Sequential`.
+/// Variants are named after the PyTorch classes, which the module view shows.
 #[derive(Module, Debug)]
 pub enum Layer {
-    Conv(Conv2d),
-    Bn(BatchNorm),
-    Relu(Relu),
-    Relu6(Relu6),
+    Conv2d(Conv2d),
+    BatchNorm2d(BatchNorm),
+    ReLU(Relu),
+    ReLU6(Relu6),
+    MaxPool2d(MaxPool2d),
     Dropout(Dropout),
     Linear(Linear),
-    Seq(Vec<Layer>),
+    Sequential(Vec<Layer>),
 }
 
 impl Layer {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match self {
-            Layer::Conv(m) => m.forward(x),
-            Layer::Bn(m) => m.forward(x),
-            Layer::Relu(m) => m.forward(x),
-            Layer::Relu6(m) => m.forward(x),
+            Layer::Conv2d(m) => m.forward(x),
+            Layer::BatchNorm2d(m) => m.forward(x),
+            Layer::ReLU(m) => m.forward(x),
+            Layer::ReLU6(m) => m.forward(x),
+            Layer::MaxPool2d(m) => m.forward(x),
             Layer::Dropout(m) => m.forward(x),
-            Layer::Seq(layers) => sequential(layers, x),
+            Layer::Sequential(layers) => sequential(layers, x),
             Layer::Linear(_) => panic!("a Linear layer takes a 2-D input"),
         }
     }
@@ -45,8 +49,8 @@ impl Layer {
         match self {
             Layer::Linear(m) => m.forward(x),
             Layer::Dropout(m) => m.forward(x),
-            Layer::Relu(m) => m.forward(x),
-            Layer::Relu6(m) => m.forward(x),
+            Layer::ReLU(m) => m.forward(x),
+            Layer::ReLU6(m) => m.forward(x),
             other => panic!("{other:?} takes a 4-D input"),
         }
     }
@@ -139,14 +143,14 @@ pub fn dropout(prob: f64) -> Dropout {
 /// `conv -> bn -> activation` as torchvision's `Conv2dNormActivation` (children 0, 1, 2).
 pub fn conv_bn_act(spec: ConvSpec, act: Layer, device: &Device) -> Vec<Layer> {
     vec![
-        Layer::Conv(spec.init(device)),
-        Layer::Bn(batch_norm(spec.cout, 1e-5, 0.1, device)),
+        Layer::Conv2d(spec.init(device)),
+        Layer::BatchNorm2d(batch_norm(spec.cout, 1e-5, 0.1, device)),
         act,
     ]
 }
 
 pub fn relu6() -> Layer {
-    Layer::Relu6(Relu6::new())
+    Layer::ReLU6(Relu6::new())
 }
 
 /// Global average pooling to `[N, C]`.

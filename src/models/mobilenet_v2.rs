@@ -48,16 +48,18 @@ impl InvertedResidual {
         let hidden = cin * expand;
         let mut conv = Vec::new();
         if expand != 1 {
-            conv.push(Layer::Seq(conv_bn_act(
+            conv.push(Layer::Sequential(conv_bn_act(
                 ConvSpec::new(cin, hidden, 1, 1),
                 relu6(),
                 device,
             )));
         }
         let depthwise = ConvSpec::new(hidden, hidden, 3, stride).groups(hidden);
-        conv.push(Layer::Seq(conv_bn_act(depthwise, relu6(), device)));
-        conv.push(Layer::Conv(ConvSpec::new(hidden, cout, 1, 1).init(device)));
-        conv.push(Layer::Bn(batch_norm(cout, 1e-5, 0.1, device)));
+        conv.push(Layer::Sequential(conv_bn_act(depthwise, relu6(), device)));
+        conv.push(Layer::Conv2d(
+            ConvSpec::new(hidden, cout, 1, 1).init(device),
+        ));
+        conv.push(Layer::BatchNorm2d(batch_norm(cout, 1e-5, 0.1, device)));
         Self {
             conv,
             use_res_connect: stride == 1 && cin == cout,
@@ -72,8 +74,8 @@ impl InvertedResidual {
 
 #[derive(Module, Debug)]
 pub enum Feature {
-    Conv(Vec<Layer>),
-    Block(InvertedResidual),
+    Conv2dNormActivation(Vec<Layer>),
+    InvertedResidual(InvertedResidual),
 }
 
 #[derive(Module, Debug)]
@@ -85,7 +87,7 @@ pub struct MobileNetV2 {
 impl MobileNetV2 {
     pub fn new(width: f64, num_classes: usize, device: &Device) -> Self {
         let mut cin = make_divisible(32.0 * width, 8);
-        let mut features = vec![Feature::Conv(conv_bn_act(
+        let mut features = vec![Feature::Conv2dNormActivation(conv_bn_act(
             ConvSpec::new(3, cin, 3, 2),
             relu6(),
             device,
@@ -94,14 +96,14 @@ impl MobileNetV2 {
             let cout = make_divisible(c as f64 * width, 8);
             for i in 0..n {
                 let stride = if i == 0 { s } else { 1 };
-                features.push(Feature::Block(InvertedResidual::new(
+                features.push(Feature::InvertedResidual(InvertedResidual::new(
                     cin, cout, stride, t, device,
                 )));
                 cin = cout;
             }
         }
         let last = feature_dim(width);
-        features.push(Feature::Conv(conv_bn_act(
+        features.push(Feature::Conv2dNormActivation(conv_bn_act(
             ConvSpec::new(cin, last, 1, 1),
             relu6(),
             device,
@@ -118,8 +120,8 @@ impl MobileNetV2 {
 
     pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
         self.features.iter().fold(x, |x, f| match f {
-            Feature::Conv(layers) => sequential(layers, x),
-            Feature::Block(block) => block.forward(x),
+            Feature::Conv2dNormActivation(layers) => sequential(layers, x),
+            Feature::InvertedResidual(block) => block.forward(x),
         })
     }
 

@@ -260,6 +260,8 @@ pub fn describe(spec: &ModelSpec) -> String {
 }
 
 /// Any supported network.
+// A network is built once and moved rarely; boxing the variants buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Model {
     MobileNetV2(MobileNetV2),

@@ -2,7 +2,8 @@
 //! (bottlenecks, stride on the 3x3 conv as in torchvision's "v1.5").
 
 use burn::module::Module;
-use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::conv::Conv2d;
+use burn::nn::pool::MaxPool2dConfig;
 use burn::nn::{BatchNorm, Linear, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
@@ -41,68 +42,121 @@ impl ResNetSpec {
     }
 }
 
+fn bn(channels: usize, device: &Device) -> BatchNorm {
+    batch_norm(channels, 1e-5, 0.1, device)
+}
+
+/// torchvision's shortcut projection: 1x1 conv with the block's stride, then BatchNorm.
+fn downsample(cin: usize, cout: usize, stride: usize, device: &Device) -> Option<Vec<Layer>> {
+    (stride != 1 || cin != cout).then(|| {
+        vec![
+            Layer::Conv2d(ConvSpec::new(cin, cout, 1, stride).init(device)),
+            Layer::BatchNorm2d(bn(cout, device)),
+        ]
+    })
+}
+
+fn shortcut(downsample: &Option<Vec<Layer>>, x: Tensor<4>) -> Tensor<4> {
+    match downsample {
+        Some(layers) => sequential(layers, x),
+        None => x,
+    }
+}
+
 #[derive(Module, Debug)]
-pub struct Block {
-    conv1: burn::nn::conv::Conv2d,
+pub struct BasicBlock {
+    conv1: Conv2d,
     bn1: BatchNorm,
-    conv2: burn::nn::conv::Conv2d,
+    conv2: Conv2d,
     bn2: BatchNorm,
-    conv3: Option<burn::nn::conv::Conv2d>,
-    bn3: Option<BatchNorm>,
     downsample: Option<Vec<Layer>>,
 }
 
-impl Block {
-    fn new(kind: BlockKind, cin: usize, planes: usize, stride: usize, device: &Device) -> Self {
-        let cout = planes * kind.expansion();
-        let downsample = (stride != 1 || cin != cout).then(|| {
-            vec![
-                Layer::Conv(ConvSpec::new(cin, cout, 1, stride).init(device)),
-                Layer::Bn(batch_norm(cout, 1e-5, 0.1, device)),
-            ]
-        });
-        let bn = |c| batch_norm(c, 1e-5, 0.1, device);
-        match kind {
-            BlockKind::Basic => Self {
-                conv1: ConvSpec::new(cin, planes, 3, stride).init(device),
-                bn1: bn(planes),
-                conv2: ConvSpec::new(planes, planes, 3, 1).init(device),
-                bn2: bn(planes),
-                conv3: None,
-                bn3: None,
-                downsample,
-            },
-            BlockKind::Bottleneck => Self {
-                conv1: ConvSpec::new(cin, planes, 1, 1).init(device),
-                bn1: bn(planes),
-                conv2: ConvSpec::new(planes, planes, 3, stride).init(device),
-                bn2: bn(planes),
-                conv3: Some(ConvSpec::new(planes, cout, 1, 1).init(device)),
-                bn3: Some(bn(cout)),
-                downsample,
-            },
+impl BasicBlock {
+    fn new(cin: usize, planes: usize, stride: usize, device: &Device) -> Self {
+        Self {
+            conv1: ConvSpec::new(cin, planes, 3, stride).init(device),
+            bn1: bn(planes, device),
+            conv2: ConvSpec::new(planes, planes, 3, 1).init(device),
+            bn2: bn(planes, device),
+            downsample: downsample(cin, planes, stride, device),
         }
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let identity = match &self.downsample {
-            Some(layers) => sequential(layers, x.clone()),
-            None => x.clone(),
-        };
-        let mut y = relu(self.bn1.forward(self.conv1.forward(x)));
-        y = self.bn2.forward(self.conv2.forward(y));
-        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            y = bn3.forward(conv3.forward(relu(y)));
-        }
+        let identity = shortcut(&self.downsample, x.clone());
+        let y = relu(self.bn1.forward(self.conv1.forward(x)));
+        let y = self.bn2.forward(self.conv2.forward(y));
         relu(y + identity)
     }
 }
 
 #[derive(Module, Debug)]
-pub struct ResNet {
-    conv1: burn::nn::conv::Conv2d,
+pub struct Bottleneck {
+    conv1: Conv2d,
     bn1: BatchNorm,
-    maxpool: MaxPool2d,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    conv3: Conv2d,
+    bn3: BatchNorm,
+    downsample: Option<Vec<Layer>>,
+}
+
+impl Bottleneck {
+    fn new(cin: usize, planes: usize, stride: usize, device: &Device) -> Self {
+        let cout = planes * 4;
+        Self {
+            conv1: ConvSpec::new(cin, planes, 1, 1).init(device),
+            bn1: bn(planes, device),
+            conv2: ConvSpec::new(planes, planes, 3, stride).init(device),
+            bn2: bn(planes, device),
+            conv3: ConvSpec::new(planes, cout, 1, 1).init(device),
+            bn3: bn(cout, device),
+            downsample: downsample(cin, cout, stride, device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let identity = shortcut(&self.downsample, x.clone());
+        let y = relu(self.bn1.forward(self.conv1.forward(x)));
+        let y = relu(self.bn2.forward(self.conv2.forward(y)));
+        let y = self.bn3.forward(self.conv3.forward(y));
+        relu(y + identity)
+    }
+}
+
+/// A residual block; variants named after torchvision's classes.
+// A network is built once and moved rarely; boxing the variants buys nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Block {
+    BasicBlock(BasicBlock),
+    Bottleneck(Bottleneck),
+}
+
+impl Block {
+    fn new(kind: BlockKind, cin: usize, planes: usize, stride: usize, device: &Device) -> Self {
+        match kind {
+            BlockKind::Basic => Block::BasicBlock(BasicBlock::new(cin, planes, stride, device)),
+            BlockKind::Bottleneck => {
+                Block::Bottleneck(Bottleneck::new(cin, planes, stride, device))
+            }
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Block::BasicBlock(b) => b.forward(x),
+            Block::Bottleneck(b) => b.forward(x),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    maxpool: Layer,
     layer1: Vec<Block>,
     layer2: Vec<Block>,
     layer3: Vec<Block>,
@@ -137,11 +191,13 @@ impl ResNet {
             stages.try_into().expect("four stages");
         Self {
             conv1: ConvSpec::new(3, w, 7, 2).init(device),
-            bn1: batch_norm(w, 1e-5, 0.1, device),
-            maxpool: MaxPool2dConfig::new([3, 3])
-                .with_strides([2, 2])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .init(),
+            bn1: bn(w, device),
+            maxpool: Layer::MaxPool2d(
+                MaxPool2dConfig::new([3, 3])
+                    .with_strides([2, 2])
+                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                    .init(),
+            ),
             layer1,
             layer2,
             layer3,

@@ -1,0 +1,187 @@
+//! Reading checkpoints: containers, nesting, dtypes, strides, and untrusted input.
+
+mod common;
+use common::*;
+use retrain::checkpoint;
+
+#[test]
+fn strided_tensors_are_read_in_logical_order() {
+    let expected = read_safetensors(&fixture("strided_expected.safetensors"));
+    for file in ["strided.pth", "strided_legacy.pth"] {
+        let sd = checkpoint::read(&fixture(file), None).unwrap();
+        for (name, (shape, values)) in &expected {
+            let t = sd.get(name).unwrap_or_else(|| panic!("{file}: {name}"));
+            assert_eq!(&t.shape, shape, "{file}: {name}");
+            assert_eq!(&t.data, values, "{file}: {name} values");
+        }
+    }
+}
+
+#[test]
+fn formats_are_recognised() {
+    assert_eq!(
+        checkpoint::read(&fixture("mbv2_w025.pth"), None)
+            .unwrap()
+            .format,
+        checkpoint::Format::Zip
+    );
+    assert_eq!(
+        checkpoint::read(&fixture("mbv2_w025_legacy.pth"), None)
+            .unwrap()
+            .format,
+        checkpoint::Format::Legacy
+    );
+}
+
+#[test]
+fn inspect_json_lists_tensors_and_detects_architecture() {
+    let out: serde_json::Value = serde_json::from_str(&retrain_ok([
+        "inspect".as_ref(),
+        fixture("resnet50_w8.pth").as_os_str(),
+        "--json".as_ref(),
+    ]))
+    .unwrap();
+    assert_eq!(out["format"], "zip");
+    assert_eq!(out["architecture"], "resnet50");
+    assert_eq!(
+        out["head"]["tensors"],
+        serde_json::json!(["fc.weight", "fc.bias"])
+    );
+    assert_eq!(out["head"]["num_classes"], 10);
+    let tensors = out["tensors"].as_array().unwrap();
+    let conv1 = tensors
+        .iter()
+        .find(|t| t["name"] == "conv1.weight")
+        .unwrap();
+    assert_eq!(conv1["dtype"], "float32");
+    assert_eq!(conv1["shape"], serde_json::json!([8, 3, 7, 7]));
+    let tracked = tensors
+        .iter()
+        .find(|t| t["name"] == "bn1.num_batches_tracked")
+        .unwrap();
+    assert_eq!(tracked["dtype"], "int64");
+    let sd = checkpoint::read(&fixture("resnet50_w8.pth"), None).unwrap();
+    assert_eq!(
+        out["num_params"].as_u64().unwrap() as usize,
+        sd.num_params()
+    );
+    assert_eq!(tensors.len(), sd.len());
+}
+
+/// `{"epoch", "state_dict": {"module.x": f16}}`: nesting found, prefix stripped, f16 widened.
+#[test]
+fn nested_half_precision_data_parallel_checkpoint_loads() {
+    let sd = checkpoint::read(&fixture("mbv2_nested_f16.pth"), None).unwrap();
+    assert!(
+        sd.get("features.0.0.weight").is_some(),
+        "module. prefix stripped"
+    );
+    assert_eq!(sd.get("features.0.0.weight").unwrap().dtype, "float16");
+    let explicit = checkpoint::read(&fixture("mbv2_nested_f16.pth"), Some("state_dict")).unwrap();
+    assert_eq!(explicit.len(), sd.len());
+
+    let dir = tempdir();
+    let out = dir.path().join("out.safetensors");
+    retrain_ok([
+        "forward".as_ref(),
+        "--weights".as_ref(),
+        fixture("mbv2_nested_f16.pth").as_os_str(),
+        "--input".as_ref(),
+        fixture("mbv2_w025_io.safetensors").as_os_str(),
+        "--output".as_ref(),
+        out.as_os_str(),
+    ]);
+    let got = &read_safetensors(&out)["logits"].1;
+    let want = &read_safetensors(&fixture("mbv2_w025_io.safetensors"))["logits"].1;
+    assert!(
+        max_abs_diff(got, want) < 2e-2,
+        "f16 weights give nearly the f32 logits"
+    );
+}
+
+#[test]
+fn safetensors_checkpoint_loads_like_the_pth() {
+    let sd = checkpoint::read(&fixture("resnet18_w16.pth"), None).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = sd
+        .iter()
+        .map(|(k, t)| (k.to_string(), t.shape.clone(), t.data.clone()))
+        .collect();
+    let dir = tempdir();
+    let st = dir.path().join("resnet.safetensors");
+    retrain::output::write_safetensors(&st, &tensors).unwrap();
+    assert_eq!(
+        checkpoint::read(&st, None).unwrap().format,
+        checkpoint::Format::Safetensors
+    );
+    let out = dir.path().join("out.safetensors");
+    retrain_ok([
+        "forward".as_ref(),
+        "--weights".as_ref(),
+        st.as_os_str(),
+        "--input".as_ref(),
+        fixture("resnet18_w16_io.safetensors").as_os_str(),
+        "--output".as_ref(),
+        out.as_os_str(),
+    ]);
+    let got = &read_safetensors(&out)["logits"].1;
+    let want = &read_safetensors(&fixture("resnet18_w16_io.safetensors"))["logits"].1;
+    assert!(max_abs_diff(got, want) < 1e-4);
+}
+
+/// Every kind of bad file: one line on stderr naming the file, exit 1, no panic.
+fn assert_rejected(path: &std::path::Path, what: &str) {
+    let stderr = retrain_err(["inspect".as_ref(), path.as_os_str()]);
+    assert!(
+        stderr.contains(&path.display().to_string()),
+        "{what}: names the file: {stderr}"
+    );
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "{what}: one line: {stderr}"
+    );
+}
+
+#[test]
+fn bad_files_get_a_clear_error() {
+    let dir = tempdir();
+    let garbage = dir.path().join("garbage.pth");
+    std::fs::write(&garbage, b"this is not a checkpoint at all, just text\n").unwrap();
+    assert_rejected(&garbage, "garbage");
+
+    let empty = dir.path().join("empty.pth");
+    std::fs::write(&empty, b"").unwrap();
+    assert_rejected(&empty, "empty");
+
+    for name in ["mbv2_w025.pth", "mbv2_w025_legacy.pth"] {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        let truncated = dir.path().join(format!("truncated_{name}"));
+        std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+        assert_rejected(&truncated, "truncated");
+    }
+
+    let not_ckpt = dir.path().join("notes.pth");
+    {
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&not_ckpt).unwrap());
+        zip.start_file("notes/readme.txt", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        std::io::Write::write_all(&mut zip, b"hello").unwrap();
+        zip.finish().unwrap();
+    }
+    assert_rejected(&not_ckpt, "zip without data.pkl");
+
+    let missing = dir.path().join("does_not_exist.pth");
+    assert_rejected(&missing, "missing file");
+
+    let bad_st = dir.path().join("bad.safetensors");
+    std::fs::write(&bad_st, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": broken}").unwrap();
+    assert_rejected(&bad_st, "corrupt safetensors");
+}
+
+/// A pickle that would run `os.system` under Python's pickle is refused, never executed.
+#[test]
+fn pickle_with_a_forbidden_global_is_refused() {
+    let stderr = retrain_err(["inspect".as_ref(), fixture("evil.pth").as_os_str()]);
+    assert!(stderr.contains("evil.pth"), "{stderr}");
+    assert!(stderr.contains("system"), "names the global: {stderr}");
+}
