@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::checkpoint;
+use crate::synth;
+use crate::train::{RunConfig, TrainOptions, read_json, train};
 use crate::load::{LoadOptions, Loaded, load_pretrained, read_input};
 use crate::models::{Arch, ModelSpec, describe, detect};
 use crate::modules::{group, named_modules, render};
@@ -75,6 +77,36 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Fine-tune on an image folder: head only, partly frozen, full, or from scratch.
+    Train(Box<TrainArgs>),
+    /// Write a procedural image dataset (class folders of PNGs).
+    Synth {
+        #[arg(long, value_enum)]
+        kind: synth::Kind,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 60)]
+        per_class: usize,
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct TrainArgs {
+    #[command(flatten)]
+    options: TrainOptions,
+    /// Run folder for config, split, metrics and checkpoints.
+    #[arg(long, required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the run in this folder where it stopped.
+    #[arg(long, conflicts_with = "out")]
+    resume: Option<PathBuf>,
+    /// Total epochs [default: 10; on resume, the run's own].
+    #[arg(long)]
+    epochs: Option<usize>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -160,7 +192,38 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             images,
         } => predict(arch, &weights, top_k, json, &images),
+        Command::Train(args) => train_command(*args),
+        Command::Synth {
+            kind,
+            out,
+            per_class,
+            size,
+            seed,
+        } => synth::write_dataset(&out, kind, per_class, size, seed),
     }
+}
+
+fn train_command(args: TrainArgs) -> anyhow::Result<()> {
+    let (options, out) = match args.resume {
+        Some(dir) => {
+            let config: RunConfig = read_json(&dir.join("config.json"))?;
+            let mut options = config.options;
+            if let Some(epochs) = args.epochs {
+                options.epochs = epochs;
+            }
+            (options, dir)
+        }
+        None => {
+            let mut options = args.options;
+            options.epochs = args.epochs.unwrap_or(10);
+            if options.data.as_os_str().is_empty() {
+                anyhow::bail!("--data DIR is required");
+            }
+            (options, args.out.expect("clap requires --out without --resume"))
+        }
+    };
+    train(&options, &out)?;
+    Ok(())
 }
 
 #[derive(Serialize)]

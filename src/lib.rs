@@ -4,12 +4,18 @@
 //! holds the networks (PyTorch key layout, timm-like interface), [`load`] puts a
 //! checkpoint into a network and reports what it did, [`modules`] is the `named_modules()`
 //! view, [`preprocess`] decodes and transforms images, [`output`] writes files atomically,
-//! and [`cli`] is the command line on top.
+//! [`data`] reads image folders and augments, [`freeze`] resolves and audits freezing,
+//! [`train`] runs training, [`synth`] draws procedural datasets, and [`cli`] is the command
+//! line on top.
 
 pub mod checkpoint;
 pub mod cli;
+pub mod data;
+pub mod freeze;
 pub mod load;
 pub mod models;
 pub mod modules;
 pub mod output;
 pub mod preprocess;
+pub mod synth;
+pub mod train;

@@ -6,7 +6,9 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::from(1)
+            // 130 after Ctrl-C, as shells report SIGINT.
+            let interrupted = e.is::<retrain::train::Interrupted>();
+            std::process::ExitCode::from(if interrupted { 130 } else { 1 })
         }
     }
 }

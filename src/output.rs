@@ -6,6 +6,11 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+
+use crate::load::torch_tensors;
+use crate::models::Model;
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = match path.parent() {
@@ -23,26 +28,56 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A tensor to write: name, dtype, shape, little-endian bytes.
+type RawTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+fn serialize_safetensors(path: &Path, tensors: &[RawTensor]) -> anyhow::Result<Vec<u8>> {
+    let views = tensors
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .with_context(|| format!("{}: tensor {name}", path.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    safetensors::serialize(views, None::<HashMap<String, String>>)
+        .with_context(|| format!("{}: cannot serialize", path.display()))
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
 /// Write named f32 tensors as a safetensors file.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, Vec<f32>)],
 ) -> anyhow::Result<()> {
-    let bytes: Vec<Vec<u8>> = tensors
+    let raw: Vec<RawTensor> = tensors
         .iter()
-        .map(|(_, _, data)| data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .map(|(n, s, v)| (n.clone(), Dtype::F32, s.clone(), f32_bytes(v)))
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((name, shape, _), b)| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                    .expect("shape matches data");
-            (name.clone(), view)
-        })
-        .collect();
-    let serialized = safetensors::serialize(views, None::<HashMap<String, String>>)
-        .with_context(|| format!("{}: cannot serialize", path.display()))?;
-    write_atomic(path, &serialized)
+    write_atomic(path, &serialize_safetensors(path, &raw)?)
+}
+
+/// A model's weights with PyTorch's names, layouts and buffers (including the int64
+/// `num_batches_tracked` that `load_state_dict(strict=True)` expects), as safetensors.
+pub fn write_weights(path: &Path, model: &Model) -> anyhow::Result<()> {
+    let mut raw: Vec<RawTensor> = Vec::new();
+    for (name, shape, values) in torch_tensors(model) {
+        let tracked = name
+            .strip_suffix("running_var")
+            .map(|prefix| format!("{prefix}num_batches_tracked"));
+        raw.push((name, Dtype::F32, shape, f32_bytes(&values)));
+        if let Some(tracked) = tracked {
+            raw.push((tracked, Dtype::I64, vec![], 0i64.to_le_bytes().to_vec()));
+        }
+    }
+    write_atomic(path, &serialize_safetensors(path, &raw)?)
+}
+
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
 }

@@ -1,6 +1,7 @@
 //! torchvision's `mobilenet_v2`, with its width multiplier.
 
 use burn::module::Module;
+use burn::nn::Linear;
 use burn::prelude::*;
 
 use super::layers::{ConvSpec, Layer, conv_bn_act, dropout, global_avg_pool, head, relu6};
@@ -123,6 +124,14 @@ impl MobileNetV2 {
             Feature::Conv2dNormActivation(layers) => sequential(layers, x),
             Feature::InvertedResidual(block) => block.forward(x),
         })
+    }
+
+    /// The classifier's Linear layer (`classifier.1`).
+    pub fn head(&self) -> &Linear {
+        match &self.classifier[1] {
+            Layer::Linear(linear) => linear,
+            other => unreachable!("classifier.1 is Linear, found {other:?}"),
+        }
     }
 
     pub fn forward_head(&self, pooled: Tensor<2>) -> Tensor<2> {

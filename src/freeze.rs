@@ -1,0 +1,227 @@
+//! Freezing: which tensors a `--freeze` spec names, applying it to a network (no gradient,
+//! and BatchNorm in eval mode with its statistics fixed), and the audit that proves frozen
+//! tensors came out bit-identical.
+
+use std::collections::BTreeMap;
+
+use anyhow::bail;
+use burn::module::{Flag, Module, ModuleMapper, Param};
+use burn::prelude::*;
+use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, bridge};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::models::{Model, ModelSpec};
+use crate::modules::named_modules;
+
+/// What frozen BatchNorm layers do in training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FrozenBn {
+    /// Normalise with the running statistics and never update them (default).
+    Eval,
+    /// Keep updating the running statistics, like PyTorch's `requires_grad=False` alone
+    /// (fastai's `train_bn`); the affine parameters stay frozen.
+    Train,
+}
+
+/// A resolved freeze spec: module-name prefixes whose tensors are frozen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeSet {
+    pub spec: String,
+    pub prefixes: Vec<String>,
+}
+
+impl FreezeSet {
+    pub fn none() -> Self {
+        Self {
+            spec: "none".into(),
+            prefixes: Vec::new(),
+        }
+    }
+
+    /// Is the tensor or module `name` (PyTorch naming) frozen?
+    pub fn contains(&self, name: &str) -> bool {
+        self.prefixes
+            .iter()
+            .any(|p| name == p || name.starts_with(&format!("{p}.")))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.prefixes.is_empty()
+    }
+
+    /// Does it freeze every tensor outside the head?
+    pub fn is_whole_backbone(&self, spec: &ModelSpec, model: &Model) -> bool {
+        let head = head_modules(spec);
+        model_tensor_names(model)
+            .iter()
+            .filter(|n| !head.iter().any(|h| n.starts_with(&format!("{h}."))))
+            .all(|n| self.contains(n))
+    }
+}
+
+fn head_modules(spec: &ModelSpec) -> Vec<String> {
+    spec.head_tensors()
+        .iter()
+        .map(|t| t.rsplit_once('.').map_or(*t, |(m, _)| m).to_string())
+        .collect()
+}
+
+fn model_tensor_names(model: &Model) -> Vec<String> {
+    model
+        .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
+        .into_iter()
+        .map(|t| t.name)
+        .collect()
+}
+
+/// Parse `--freeze`: `none`, `backbone`, a comma list of module-name prefixes
+/// (`features.0,features.1`), or index ranges in a sequential container (`features.0-13`).
+pub fn parse_spec(spec: &str, model_spec: &ModelSpec, model: &Model) -> anyhow::Result<FreezeSet> {
+    let modules = named_modules(model, "", &|_| false);
+    let names: Vec<&str> = modules.iter().map(|m| m.name.as_str()).collect();
+    let prefixes = match spec.trim() {
+        "none" | "" => Vec::new(),
+        "backbone" => {
+            // Every module that holds tensors, except the head.
+            let head = head_modules(model_spec);
+            modules
+                .iter()
+                .filter(|m| !m.params.is_empty() && !head.contains(&m.name))
+                .map(|m| m.name.clone())
+                .collect()
+        }
+        list => {
+            let mut out = Vec::new();
+            for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                for prefix in expand_range(item)? {
+                    if !names.contains(&prefix.as_str()) {
+                        let top: Vec<&str> =
+                            modules.iter().filter(|m| m.depth == 1).map(|m| m.name.as_str()).collect();
+                        bail!(
+                            "--freeze: '{prefix}' names no module of {}; top-level modules: {}",
+                            model_spec.arch,
+                            top.join(", ")
+                        );
+                    }
+                    out.push(prefix);
+                }
+            }
+            out
+        }
+    };
+    Ok(FreezeSet {
+        spec: spec.to_string(),
+        prefixes,
+    })
+}
+
+/// `features.0-13` -> `features.0`, ..., `features.13`; anything else is itself.
+fn expand_range(item: &str) -> anyhow::Result<Vec<String>> {
+    let (base, last) = match item.rsplit_once('.') {
+        Some((b, l)) => (format!("{b}."), l),
+        None => (String::new(), item),
+    };
+    let Some((a, b)) = last.split_once('-') else {
+        return Ok(vec![item.to_string()]);
+    };
+    let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) else {
+        bail!("--freeze: '{item}' is not a range like features.0-13");
+    };
+    if a > b {
+        bail!("--freeze: empty range '{item}'");
+    }
+    Ok((a..=b).map(|i| format!("{base}{i}")).collect())
+}
+
+/// Sets gradients and BatchNorm/Dropout training flags by module path.
+struct Freezer<'a> {
+    /// PyTorch path segments; enum levels (absent from PyTorch names) are `None`.
+    path: Vec<Option<String>>,
+    set: &'a FreezeSet,
+    frozen_bn: FrozenBn,
+}
+
+impl Freezer<'_> {
+    fn frozen(&self) -> bool {
+        let name: Vec<&str> = self.path.iter().flatten().map(String::as_str).collect();
+        self.set.contains(&name.join("."))
+    }
+}
+
+impl ModuleMapper for Freezer<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push((!container_type.starts_with("Enum:")).then(|| name.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.set_require_grad(!self.frozen())
+    }
+
+    fn map_flag(&mut self, flag: Param<Flag>) -> Param<Flag> {
+        flag.with_value(!self.frozen() || self.frozen_bn == FrozenBn::Train)
+    }
+}
+
+/// Freeze what `set` names and make everything else trainable.
+pub fn apply(model: Model, set: &FreezeSet, frozen_bn: FrozenBn) -> Model {
+    model.map(&mut Freezer {
+        path: Vec::new(),
+        set,
+        frozen_bn,
+    })
+}
+
+/// SHA-256 of every frozen tensor (parameters, and BatchNorm statistics unless they are
+/// allowed to move), by PyTorch name.
+pub fn checksums(model: &Model, set: &FreezeSet, frozen_bn: FrozenBn) -> BTreeMap<String, String> {
+    model
+        .valid()
+        .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
+        .into_iter()
+        .filter(|t| set.contains(&t.name))
+        .filter(|t| frozen_bn == FrozenBn::Eval || !t.name.contains("running_"))
+        .map(|t| {
+            let name = t.name.clone();
+            let data = bridge::into_data(t).expect("in-memory tensor");
+            (name, format!("{:x}", Sha256::digest(data.as_bytes())))
+        })
+        .collect()
+}
+
+/// Names of tensors whose checksum changed.
+pub fn audit(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> Vec<String> {
+    before
+        .iter()
+        .filter(|(k, v)| after.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_expand_to_indices() {
+        assert_eq!(expand_range("features.2-4").unwrap(), ["features.2", "features.3", "features.4"]);
+        assert_eq!(expand_range("layer1").unwrap(), ["layer1"]);
+        assert!(expand_range("features.4-2").is_err());
+    }
+
+    #[test]
+    fn prefixes_match_whole_path_segments() {
+        let set = FreezeSet {
+            spec: "features.1".into(),
+            prefixes: vec!["features.1".into()],
+        };
+        assert!(set.contains("features.1.conv.0.0.weight"));
+        assert!(!set.contains("features.10.conv.0.0.weight"));
+    }
+}

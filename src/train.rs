@@ -1,0 +1,852 @@
+//! `retrain train`: fine-tune a network on an image folder under a freezing regime, with the
+//! usual machinery (augmentation, SGD/AdamW, LR schedules, progress bar, metrics, best and
+//! last checkpoints, exact resume, Ctrl-C) and a freeze audit.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use burn::module::{Module, ParamId};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{
+    AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig,
+    decay::WeightDecayConfig,
+    momentum::MomentumConfig,
+};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{self, ImageSet, Split, Transform};
+use crate::freeze::{self, FreezeSet, FrozenBn};
+use crate::load::{LoadOptions, LoadReport, load_pretrained, torch_tensors};
+use crate::models::{Arch, Model, ModelSpec, PretrainedConfig};
+use crate::output::{write_atomic, write_json, write_weights};
+use crate::preprocess::Preprocess;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Sgd,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Linear warmup, then cosine decay to zero.
+    Cosine,
+    /// Multiply by `--gamma` every `--step-size` epochs.
+    Step,
+    Constant,
+}
+
+/// Every option of a run; written to `config.json` and read back on resume.
+#[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
+pub struct TrainOptions {
+    /// Architecture (detected from --weights when left out).
+    #[arg(long)]
+    pub arch: Option<Arch>,
+    /// Pretrained checkpoint.
+    #[arg(long, conflicts_with = "scratch")]
+    pub weights: Option<PathBuf>,
+    /// Train from random init (no weights).
+    #[arg(long)]
+    pub scratch: bool,
+    /// Dotted key of a nested state dict in the checkpoint.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Image folder: one sub-folder per class, or `train/` and `val/` with those.
+    #[arg(long, default_value = "")]
+    pub data: PathBuf,
+    /// What to freeze: `none`, `backbone`, module prefixes `a,b`, or a range `features.0-13`.
+    #[arg(long, default_value = "none")]
+    pub freeze: String,
+    /// Frozen BatchNorm layers: `eval` keeps their statistics fixed, `train` lets them move.
+    #[arg(long, value_enum, default_value_t = FrozenBn::Eval)]
+    pub frozen_bn: FrozenBn,
+    /// Total epochs (on resume: the new total).
+    #[arg(skip = 10usize)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Peak learning rate (default: 1e-3 for AdamW, 1e-2 for SGD).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
+    pub optimizer: OptimizerKind,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    #[arg(long)]
+    pub nesterov: bool,
+    /// Weight decay (decoupled for AdamW, L2 for SGD).
+    #[arg(long, default_value_t = 1e-4)]
+    pub weight_decay: f64,
+    #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
+    pub schedule: Schedule,
+    /// Epochs of linear warmup (cosine schedule).
+    #[arg(long, default_value_t = 1)]
+    pub warmup_epochs: usize,
+    /// Step schedule: epochs between decays.
+    #[arg(long, default_value_t = 10)]
+    pub step_size: usize,
+    /// Step schedule: decay factor.
+    #[arg(long, default_value_t = 0.1)]
+    pub gamma: f64,
+    /// Learning-rate multiplier for the new head.
+    #[arg(long, default_value_t = 1.0)]
+    pub head_lr_mult: f64,
+    /// Train only the head until this epoch, then unfreeze to `--freeze` (fastai's fine_tune).
+    #[arg(long)]
+    pub unfreeze_at: Option<usize>,
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f32,
+    /// `auto` weights the loss by inverse class frequency.
+    #[arg(long)]
+    pub class_weights: Option<ClassWeights>,
+    /// Square input side (default: the model's pretrained config).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Re-run the backbone every step even when it is wholly frozen.
+    #[arg(long)]
+    pub no_feature_cache: bool,
+    /// Augmented views per image in the feature cache (the first is the eval view).
+    #[arg(long, default_value_t = 1)]
+    pub cache_views: usize,
+    /// Accept a checkpoint that does not match outside the head.
+    #[arg(long)]
+    pub allow_partial: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassWeights {
+    Auto,
+}
+
+/// One line of `metrics.jsonl` / `metrics.csv`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub val_loss: f64,
+    pub val_top1: f64,
+    pub val_top5: f64,
+    pub lr: f64,
+    pub epoch_seconds: f64,
+    pub images_per_second: f64,
+}
+
+/// `config.json`: the options, the model and its preprocessing, the classes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub options: TrainOptions,
+    pub model: ModelSpec,
+    pub pretrained: PretrainedConfig,
+    pub preprocess: Preprocess,
+    pub classes: Vec<String>,
+}
+
+/// Progress that the `last` checkpoint carries besides weights and optimizer state. The
+/// data order and augmentation are seeded by (seed, epoch), so the epoch is the RNG state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunState {
+    epochs_done: usize,
+    best_top1: f64,
+    best_epoch: usize,
+    history: Vec<EpochMetrics>,
+    /// Checksums of the frozen tensors taken before the first epoch.
+    frozen_checksums: BTreeMap<String, String>,
+}
+
+/// `summary.json` of a finished run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub architecture: String,
+    pub freeze: String,
+    pub scratch: bool,
+    pub epochs: usize,
+    pub best_top1: f64,
+    pub best_epoch: usize,
+    pub final_top1: f64,
+    pub trainable_params: usize,
+    pub frozen_params: usize,
+    pub frozen_tensors: usize,
+    pub freeze_audit_passed: bool,
+    pub feature_cache: bool,
+    pub train_images: usize,
+    pub val_images: usize,
+    pub skipped_images: Vec<String>,
+    pub leaked_images: Vec<String>,
+    pub wall_seconds: f64,
+    pub train_images_per_second: f64,
+    pub peak_memory_mib: f64,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Ctrl-C asks the loop to stop after saving; installed once per process.
+fn install_interrupt_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+    });
+}
+
+/// The run was stopped by Ctrl-C after saving its last checkpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted; resume with --resume {0}")]
+pub struct Interrupted(pub String);
+
+fn autodiff_device() -> Device {
+    crate::cli::device().autodiff()
+}
+
+/// Start a run in `out`, or continue the one there (`resume`), for `epochs` epochs in all.
+pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let started = Instant::now();
+    install_interrupt_handler();
+    let device = autodiff_device();
+
+    // The split: made once, then reused (resume, other regimes of a comparison).
+    let split_path = out.join("split.json");
+    let split: Split = if split_path.exists() {
+        read_json(&split_path)?
+    } else {
+        let split = Split::make(&options.data, options.val_fraction, options.seed)?;
+        write_json(&split_path, &split)?;
+        split
+    };
+    for leak in &split.leaked {
+        eprintln!("warning: the same image is in train and val: {leak}");
+    }
+    let num_classes = split.classes.len();
+
+    // The network, pretrained or not.
+    let (mut model, spec, report) = build_model(options, num_classes, &device)?;
+    if let Some(report) = &report {
+        eprintln!("{report}");
+        write_json(&out.join("load_report.json"), report)?;
+    }
+    let pretrained = spec.pretrained_config();
+    let mut preprocess = pretrained.preprocess.clone();
+    if let Some(size) = options.image_size {
+        let ratio = preprocess.resize_size as f64 / preprocess.input_size as f64;
+        preprocess.input_size = size;
+        preprocess.resize_size = (size as f64 * ratio).round() as usize;
+    }
+    let config = RunConfig {
+        options: options.clone(),
+        model: spec.clone(),
+        pretrained,
+        preprocess: preprocess.clone(),
+        classes: split.classes.clone(),
+    };
+    write_json(&out.join("config.json"), &config)?;
+
+    let final_set = freeze::parse_spec(&options.freeze, &spec, &model)?;
+    let head_set = freeze::parse_spec("backbone", &spec, &model)?;
+    let phase_set = |epoch: usize| match options.unfreeze_at {
+        Some(at) if epoch < at => &head_set,
+        _ => &final_set,
+    };
+
+    // Resume from `last` if there is one.
+    let last_dir = out.join("last");
+    let mut state = if last_dir.join("state.json").exists() {
+        model = model
+            .try_load_file(last_dir.join("model.bpk"))
+            .map_err(|e| anyhow::anyhow!("{}: cannot load the last checkpoint: {e}", last_dir.display()))?;
+        let state: RunState = read_json(&last_dir.join("state.json"))?;
+        eprintln!("resuming {} after epoch {}", out.display(), state.epochs_done);
+        state
+    } else {
+        RunState {
+            epochs_done: 0,
+            best_top1: -1.0,
+            best_epoch: 0,
+            history: Vec::new(),
+            frozen_checksums: BTreeMap::new(),
+        }
+    };
+    model = freeze::apply(model, phase_set(state.epochs_done), options.frozen_bn);
+    if state.epochs_done == 0 {
+        state.frozen_checksums = freeze::checksums(&model, &final_set, options.frozen_bn);
+    }
+
+    let mut optimizers = Optimizers::new(options, &model);
+    if last_dir.join("state.json").exists() {
+        optimizers = optimizers.load(&last_dir)?;
+    }
+
+    // Images decoded once, presized to what the transforms need.
+    let presize = preprocess.resize_size.max(preprocess.input_size);
+    let train_set = Arc::new(ImageSet::load(&options.data, &split.train, presize));
+    let val_set = Arc::new(ImageSet::load(&options.data, &split.val, presize));
+    for (label, name) in split.classes.iter().enumerate() {
+        if !train_set.labels.contains(&label) {
+            bail!("class '{name}' has no readable training images");
+        }
+    }
+    let loss_weights = options.class_weights.map(|_| inverse_frequency(&train_set.labels, num_classes));
+
+    let mut cache: Option<FeatureCache> = None;
+    let steps_per_epoch = train_set.len().div_ceil(options.batch_size);
+    let head_ids = head_param_ids(&model);
+    for epoch in state.epochs_done..options.epochs {
+        let set = phase_set(epoch);
+        if epoch > 0 && set != phase_set(epoch - 1) {
+            eprintln!("epoch {}: unfreezing to --freeze {}", epoch + 1, options.freeze);
+            model = freeze::apply(model, set, options.frozen_bn);
+            cache = None;
+        }
+        let use_cache = !options.no_feature_cache
+            && options.frozen_bn == FrozenBn::Eval
+            && set.is_whole_backbone(&spec, &model);
+        if use_cache && cache.is_none() {
+            cache = Some(FeatureCache::build(&model, &train_set, &val_set, &preprocess, options)?);
+        }
+        device.seed(options.seed.wrapping_add(epoch as u64));
+        let epoch_start = Instant::now();
+        let ctx = StepContext {
+            options,
+            epoch,
+            steps_per_epoch,
+            loss_weights: loss_weights.clone(),
+            head_ids: &head_ids,
+            device: &device,
+        };
+        let progress = progress_bar(epoch, options.epochs, train_set.len());
+        let (new_model, train_loss, train_acc, lr) = match (&cache, use_cache) {
+            (Some(c), true) => train_epoch_cached(model, &mut optimizers, c, &ctx, &progress)?,
+            _ => train_epoch(model, &mut optimizers, &train_set, &preprocess, &ctx, &progress)?,
+        };
+        model = new_model;
+        progress.finish_and_clear();
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            bail!(Interrupted(out.display().to_string()));
+        }
+        let train_seconds = epoch_start.elapsed().as_secs_f64();
+        let (val_loss, val_top1, val_top5) = match (&cache, use_cache) {
+            (Some(c), true) => evaluate_cached(&model, c)?,
+            _ => evaluate(&model, &val_set, &preprocess, options.batch_size)?,
+        };
+        let metrics = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss,
+            train_acc,
+            val_loss,
+            val_top1,
+            val_top5,
+            lr,
+            epoch_seconds: epoch_start.elapsed().as_secs_f64(),
+            images_per_second: train_set.len() as f64 / train_seconds,
+        };
+        println!(
+            "epoch {:>3}/{}  loss {:.4}  acc {:.3}  val_loss {:.4}  top1 {:.3}  top5 {:.3}  lr {:.2e}  {:.1}s  {:.1} img/s",
+            metrics.epoch,
+            options.epochs,
+            train_loss,
+            train_acc,
+            val_loss,
+            val_top1,
+            val_top5,
+            lr,
+            metrics.epoch_seconds,
+            metrics.images_per_second
+        );
+        state.history.push(metrics);
+        state.epochs_done = epoch + 1;
+        if val_top1 > state.best_top1 {
+            state.best_top1 = val_top1;
+            state.best_epoch = epoch + 1;
+            write_weights(&out.join("best.safetensors"), &model)?;
+        }
+        write_metrics(out, &state.history)?;
+        save_last(out, &model, &optimizers, &state)?;
+    }
+
+    let after = freeze::checksums(&model, &final_set, options.frozen_bn);
+    let changed = freeze::audit(&state.frozen_checksums, &after);
+    if !changed.is_empty() {
+        bail!(
+            "freeze audit FAILED: {} frozen tensor(s) changed during training, first: {}",
+            changed.len(),
+            changed[0]
+        );
+    }
+    let (trainable, frozen) = param_counts(&model, &final_set);
+    let summary = RunSummary {
+        architecture: spec.arch.to_string(),
+        freeze: options.freeze.clone(),
+        scratch: options.scratch,
+        epochs: state.epochs_done,
+        best_top1: state.best_top1,
+        best_epoch: state.best_epoch,
+        final_top1: state.history.last().map_or(0.0, |m| m.val_top1),
+        trainable_params: trainable,
+        frozen_params: frozen,
+        frozen_tensors: state.frozen_checksums.len(),
+        freeze_audit_passed: true,
+        feature_cache: cache.is_some(),
+        train_images: train_set.len(),
+        val_images: val_set.len(),
+        skipped_images: train_set.skipped.iter().chain(&val_set.skipped).cloned().collect(),
+        leaked_images: split.leaked.clone(),
+        wall_seconds: started.elapsed().as_secs_f64(),
+        train_images_per_second: {
+            let h = &state.history;
+            h.iter().map(|m| m.images_per_second).sum::<f64>() / h.len().max(1) as f64
+        },
+        peak_memory_mib: peak_memory_mib(),
+    };
+    write_json(&out.join("summary.json"), &summary)?;
+    println!(
+        "best val top-1 {:.3} at epoch {}; frozen: {} tensors ({} params), trainable params {}; freeze audit passed; {} skipped images",
+        summary.best_top1,
+        summary.best_epoch,
+        summary.frozen_tensors,
+        summary.frozen_params,
+        summary.trainable_params,
+        summary.skipped_images.len()
+    );
+    Ok(summary)
+}
+
+fn build_model(
+    options: &TrainOptions,
+    num_classes: usize,
+    device: &Device,
+) -> anyhow::Result<(Model, ModelSpec, Option<LoadReport>)> {
+    if options.scratch || options.weights.is_none() {
+        if !options.scratch {
+            bail!("pass --weights FILE, or --scratch to train from random init");
+        }
+        let arch = options.arch.context("--scratch needs --arch")?;
+        let spec = ModelSpec::new(arch, num_classes);
+        return Ok((spec.build(device), spec, None));
+    }
+    let path = options.weights.as_deref().expect("checked above");
+    let loaded = load_pretrained(
+        path,
+        &LoadOptions {
+            arch: options.arch,
+            num_classes: Some(num_classes),
+            key: options.key.clone(),
+            allow_partial: options.allow_partial,
+        },
+        device,
+    )?;
+    Ok((loaded.model, loaded.spec, Some(loaded.report)))
+}
+
+/// Two optimizers so the head can take a larger learning rate (`--head-lr-mult`).
+struct Optimizers {
+    head: ModuleOptimizer,
+    body: ModuleOptimizer,
+}
+
+impl Optimizers {
+    fn new(options: &TrainOptions, _model: &Model) -> Self {
+        let make = || match options.optimizer {
+            OptimizerKind::Sgd => SgdConfig::new()
+                .with_momentum(Some(
+                    MomentumConfig::new()
+                        .with_momentum(options.momentum)
+                        .with_dampening(0.0)
+                        .with_nesterov(options.nesterov),
+                ))
+                .with_weight_decay(
+                    (options.weight_decay > 0.0)
+                        .then(|| WeightDecayConfig::new(options.weight_decay as f32)),
+                )
+                .init(),
+            OptimizerKind::Adamw => AdamWConfig::new()
+                .with_epsilon(1e-8)
+                .with_weight_decay(options.weight_decay as f32)
+                .init(),
+        };
+        Self {
+            head: make(),
+            body: make(),
+        }
+    }
+
+    fn load(self, dir: &Path) -> anyhow::Result<Self> {
+        let err = |e| anyhow::anyhow!("{}: cannot load optimizer state: {e}", dir.display());
+        Ok(Self {
+            head: self.head.load(dir.join("optim_head.bpk")).map_err(err)?,
+            body: self.body.load(dir.join("optim_body.bpk")).map_err(err)?,
+        })
+    }
+
+    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let err = |e| anyhow::anyhow!("{}: cannot save optimizer state: {e}", dir.display());
+        self.head.save(dir.join("optim_head.bpk")).map_err(err)?;
+        self.body.save(dir.join("optim_body.bpk")).map_err(err)
+    }
+
+    fn step(&mut self, model: Model, loss: Tensor<1>, head_ids: &[ParamId], lr: f64, head_mult: f64) -> Model {
+        let mut grads = loss.backward();
+        let head = GradientsParams::from_params(&mut grads, &model, head_ids);
+        let body = GradientsParams::from_grads(grads, &model);
+        let model = self.head.step(lr * head_mult, model, head);
+        self.body.step(lr, model, body)
+    }
+}
+
+fn head_param_ids(model: &Model) -> Vec<ParamId> {
+    let linear = match model {
+        Model::MobileNetV2(m) => m.head(),
+        Model::ResNet(m) => &m.fc,
+        Model::EfficientNetLite(m) => &m._fc,
+    };
+    let mut ids = vec![linear.weight.id];
+    ids.extend(linear.bias.as_ref().map(|b| b.id));
+    ids
+}
+
+fn default_lr(options: &TrainOptions) -> f64 {
+    options.lr.unwrap_or(match options.optimizer {
+        OptimizerKind::Adamw => 1e-3,
+        OptimizerKind::Sgd => 1e-2,
+    })
+}
+
+/// Learning rate at `step` (0-based over the whole run).
+fn learning_rate(options: &TrainOptions, step: usize, steps_per_epoch: usize) -> f64 {
+    let base = default_lr(options);
+    let epoch = step / steps_per_epoch.max(1);
+    match options.schedule {
+        Schedule::Constant => base,
+        Schedule::Step => base * options.gamma.powi((epoch / options.step_size.max(1)) as i32),
+        Schedule::Cosine => {
+            let warmup = options.warmup_epochs.min(options.epochs.saturating_sub(1)) * steps_per_epoch;
+            let total = options.epochs * steps_per_epoch;
+            if step < warmup {
+                base * (step + 1) as f64 / warmup as f64
+            } else {
+                let t = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+                base * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+        }
+    }
+}
+
+struct StepContext<'a> {
+    options: &'a TrainOptions,
+    epoch: usize,
+    steps_per_epoch: usize,
+    loss_weights: Option<Vec<f32>>,
+    head_ids: &'a [ParamId],
+    device: &'a Device,
+}
+
+impl StepContext<'_> {
+    fn loss(&self, logits: Tensor<2>, labels: &[usize]) -> anyhow::Result<(Tensor<1>, f64, usize)> {
+        let targets = Tensor::<1, Int>::from_data(
+            TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [labels.len()]),
+            self.device,
+        );
+        let smoothing = (self.options.label_smoothing > 0.0).then_some(self.options.label_smoothing);
+        let ce = CrossEntropyLossConfig::new()
+            .with_smoothing(smoothing)
+            .with_weights(self.loss_weights.clone())
+            .init(self.device);
+        let correct = count_correct(&logits, labels)?;
+        let loss = ce.forward(logits, targets);
+        let value: f64 = loss.clone().into_scalar::<f32>() as f64;
+        if !value.is_finite() {
+            bail!(
+                "the loss became {value} at epoch {}; stopping (the last good checkpoint is kept). Try a lower --lr",
+                self.epoch + 1
+            );
+        }
+        Ok((loss, value, correct))
+    }
+}
+
+fn count_correct(logits: &Tensor<2>, labels: &[usize]) -> anyhow::Result<usize> {
+    let pred = logits.clone().argmax(1).try_into_vec_as::<i64>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok(pred.iter().zip(labels).filter(|(p, l)| **p as usize == **l).count())
+}
+
+fn progress_bar(epoch: usize, epochs: usize, images: usize) -> ProgressBar {
+    let bar = ProgressBar::new(images as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({per_sec}, eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{}/{epochs}", epoch + 1));
+    bar
+}
+
+type EpochResult = anyhow::Result<(Model, f64, f64, f64)>;
+
+fn train_epoch(
+    mut model: Model,
+    optimizers: &mut Optimizers,
+    set: &Arc<ImageSet>,
+    pre: &Preprocess,
+    ctx: &StepContext,
+    progress: &ProgressBar,
+) -> EpochResult {
+    let opts = ctx.options;
+    let order = data::epoch_order(set.len(), opts.seed, ctx.epoch);
+    let seed = opts.seed.wrapping_mul(31).wrapping_add(ctx.epoch as u64);
+    let rx = data::batches(set.clone(), pre.clone(), order, opts.batch_size, Transform::Train { seed });
+    let (mut loss_sum, mut correct, mut seen, mut lr) = (0.0, 0, 0, 0.0);
+    let size = pre.input_size;
+    for (i, batch) in rx.into_iter().enumerate() {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            break;
+        }
+        let n = batch.labels.len();
+        let x = Tensor::<4>::from_data(TensorData::new(batch.pixels, [n, 3, size, size]), ctx.device);
+        let logits = model.forward(x);
+        let (loss, value, c) = ctx.loss(logits, &batch.labels)?;
+        lr = learning_rate(opts, ctx.epoch * ctx.steps_per_epoch + i, ctx.steps_per_epoch);
+        model = optimizers.step(model, loss, ctx.head_ids, lr, opts.head_lr_mult);
+        loss_sum += value * n as f64;
+        correct += c;
+        seen += n;
+        progress.inc(n as u64);
+        progress.set_message(format!("loss {:.4} acc {:.3}", loss_sum / seen as f64, correct as f64 / seen as f64));
+    }
+    Ok((model, loss_sum / seen.max(1) as f64, correct as f64 / seen.max(1) as f64, lr))
+}
+
+/// Pooled backbone outputs computed once: `views` per training image (the first with the
+/// eval transform, the rest augmented) and one per validation image.
+struct FeatureCache {
+    dim: usize,
+    train: Vec<Vec<Vec<f32>>>,
+    train_labels: Vec<usize>,
+    val: Vec<Vec<f32>>,
+    val_labels: Vec<usize>,
+}
+
+impl FeatureCache {
+    fn build(
+        model: &Model,
+        train: &Arc<ImageSet>,
+        val: &Arc<ImageSet>,
+        pre: &Preprocess,
+        options: &TrainOptions,
+    ) -> anyhow::Result<Self> {
+        let eval_model = model.valid();
+        let views = options.cache_views.max(1);
+        let bar = ProgressBar::new(((train.len() * views) + val.len()) as u64);
+        bar.set_style(
+            ProgressStyle::with_template("caching features [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
+                .expect("valid template"),
+        );
+        let embed = |set: &Arc<ImageSet>, transform: Transform| -> anyhow::Result<Vec<Vec<f32>>> {
+            let order: Vec<usize> = (0..set.len()).collect();
+            let mut out = Vec::with_capacity(set.len());
+            let size = pre.input_size;
+            for batch in data::batches(set.clone(), pre.clone(), order, options.batch_size, transform) {
+                let n = batch.labels.len();
+                let device = crate::cli::device();
+                let x = Tensor::<4>::from_data(TensorData::new(batch.pixels, [n, 3, size, size]), &device);
+                let e = crate::cli::to_vec(eval_model.embed(x))?;
+                let d = e.len() / n;
+                out.extend(e.chunks(d).map(<[f32]>::to_vec));
+                bar.inc(n as u64);
+            }
+            Ok(out)
+        };
+        let mut per_view = vec![embed(train, Transform::Eval)?];
+        for v in 1..views {
+            let seed = options.seed.wrapping_mul(7919).wrapping_add(v as u64);
+            per_view.push(embed(train, Transform::Train { seed })?);
+        }
+        let val_emb = embed(val, Transform::Eval)?;
+        bar.finish_and_clear();
+        let dim = per_view[0].first().map_or(0, Vec::len);
+        let train_views = (0..train.len())
+            .map(|i| per_view.iter().map(|v| v[i].clone()).collect())
+            .collect();
+        Ok(Self {
+            dim,
+            train: train_views,
+            train_labels: train.labels.clone(),
+            val: val_emb,
+            val_labels: val.labels.clone(),
+        })
+    }
+}
+
+fn train_epoch_cached(
+    mut model: Model,
+    optimizers: &mut Optimizers,
+    cache: &FeatureCache,
+    ctx: &StepContext,
+    progress: &ProgressBar,
+) -> EpochResult {
+    let opts = ctx.options;
+    let order = data::epoch_order(cache.train.len(), opts.seed, ctx.epoch);
+    let (mut loss_sum, mut correct, mut seen, mut lr) = (0.0, 0, 0, 0.0);
+    let views = cache.train.first().map_or(1, Vec::len);
+    for (i, idx) in order.chunks(opts.batch_size).enumerate() {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            break;
+        }
+        let n = idx.len();
+        let mut features = Vec::with_capacity(n * cache.dim);
+        for &j in idx {
+            // Cycle through the views epoch by epoch.
+            features.extend_from_slice(&cache.train[j][(ctx.epoch + j) % views]);
+        }
+        let labels: Vec<usize> = idx.iter().map(|&j| cache.train_labels[j]).collect();
+        let x = Tensor::<2>::from_data(TensorData::new(features, [n, cache.dim]), ctx.device);
+        let logits = model.forward_head(x);
+        let (loss, value, c) = ctx.loss(logits, &labels)?;
+        lr = learning_rate(opts, ctx.epoch * ctx.steps_per_epoch + i, ctx.steps_per_epoch);
+        model = optimizers.step(model, loss, ctx.head_ids, lr, opts.head_lr_mult);
+        loss_sum += value * n as f64;
+        correct += c;
+        seen += n;
+        progress.inc(n as u64);
+    }
+    Ok((model, loss_sum / seen.max(1) as f64, correct as f64 / seen.max(1) as f64, lr))
+}
+
+/// Mean cross-entropy, top-1 and top-5 of `logits` rows against `labels`.
+pub fn score(logits: &[f32], labels: &[usize], classes: usize) -> (f64, usize, usize) {
+    let (mut loss, mut top1, mut top5) = (0.0, 0, 0);
+    for (row, &label) in logits.chunks(classes).zip(labels) {
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let lse = row.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
+        loss += (lse - row[label]) as f64;
+        let rank = row.iter().filter(|&&v| v > row[label]).count();
+        top1 += usize::from(rank == 0);
+        top5 += usize::from(rank < 5);
+    }
+    (loss, top1, top5)
+}
+
+fn evaluate(model: &Model, set: &Arc<ImageSet>, pre: &Preprocess, batch_size: usize) -> anyhow::Result<(f64, f64, f64)> {
+    let eval_model = model.valid();
+    let device = crate::cli::device();
+    let order: Vec<usize> = (0..set.len()).collect();
+    let (mut loss, mut top1, mut top5) = (0.0, 0, 0);
+    let size = pre.input_size;
+    for batch in data::batches(set.clone(), pre.clone(), order, batch_size, Transform::Eval) {
+        let n = batch.labels.len();
+        let x = Tensor::<4>::from_data(TensorData::new(batch.pixels, [n, 3, size, size]), &device);
+        let logits = crate::cli::to_vec(eval_model.forward(x))?;
+        let (l, t1, t5) = score(&logits, &batch.labels, logits.len() / n);
+        loss += l;
+        top1 += t1;
+        top5 += t5;
+    }
+    let n = set.len().max(1) as f64;
+    Ok((loss / n, top1 as f64 / n, top5 as f64 / n))
+}
+
+fn evaluate_cached(model: &Model, cache: &FeatureCache) -> anyhow::Result<(f64, f64, f64)> {
+    let eval_model = model.valid();
+    let device = crate::cli::device();
+    let n = cache.val.len();
+    if n == 0 {
+        return Ok((0.0, 0.0, 0.0));
+    }
+    let x = Tensor::<2>::from_data(TensorData::new(cache.val.concat(), [n, cache.dim]), &device);
+    let logits = crate::cli::to_vec(eval_model.forward_head(x))?;
+    let (loss, top1, top5) = score(&logits, &cache.val_labels, logits.len() / n);
+    Ok((loss / n as f64, top1 as f64 / n as f64, top5 as f64 / n as f64))
+}
+
+fn inverse_frequency(labels: &[usize], classes: usize) -> Vec<f32> {
+    let mut counts = vec![0usize; classes];
+    for &l in labels {
+        counts[l] += 1;
+    }
+    counts
+        .iter()
+        .map(|&c| labels.len() as f32 / (classes as f32 * c.max(1) as f32))
+        .collect()
+}
+
+fn param_counts(model: &Model, frozen: &FreezeSet) -> (usize, usize) {
+    torch_tensors(model)
+        .iter()
+        .filter(|(name, _, _)| !name.contains("running_"))
+        .fold((0, 0), |(t, f), (name, shape, _)| {
+            let n: usize = shape.iter().product();
+            if frozen.contains(name) { (t, f + n) } else { (t + n, f) }
+        })
+}
+
+fn write_metrics(out: &Path, history: &[EpochMetrics]) -> anyhow::Result<()> {
+    let mut csv = String::from(
+        "epoch,train_loss,train_acc,val_loss,val_top1,val_top5,lr,epoch_seconds,images_per_second\n",
+    );
+    let mut jsonl = String::new();
+    for m in history {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{}\n",
+            m.epoch, m.train_loss, m.train_acc, m.val_loss, m.val_top1, m.val_top5, m.lr, m.epoch_seconds, m.images_per_second
+        ));
+        jsonl.push_str(&serde_json::to_string(m)?);
+        jsonl.push('\n');
+    }
+    write_atomic(&out.join("metrics.csv"), csv.as_bytes())?;
+    write_atomic(&out.join("metrics.jsonl"), jsonl.as_bytes())
+}
+
+/// Write `last/` beside the run as `last.tmp/`, then swap it in, so a crash leaves either
+/// the previous or the new checkpoint whole.
+fn save_last(out: &Path, model: &Model, optimizers: &Optimizers, state: &RunState) -> anyhow::Result<()> {
+    let tmp = out.join("last.tmp");
+    let last = out.join("last");
+    let old = out.join("last.old");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    model
+        .valid()
+        .save_file(tmp.join("model.bpk"))
+        .map_err(|e| anyhow::anyhow!("{}: cannot save the model: {e}", tmp.display()))?;
+    optimizers.save(&tmp)?;
+    write_json(&tmp.join("state.json"), state)?;
+    write_weights(&tmp.join("model.safetensors"), model)?;
+    let _ = std::fs::remove_dir_all(&old);
+    if last.exists() {
+        std::fs::rename(&last, &old).with_context(|| format!("{}: cannot rotate", last.display()))?;
+    }
+    std::fs::rename(&tmp, &last).with_context(|| format!("{}: cannot rename", last.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{}: not valid", path.display()))
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB; 0 where /proc is unavailable.
+pub fn peak_memory_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
