@@ -9,12 +9,12 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::checkpoint;
-use crate::synth;
-use crate::train::{RunConfig, TrainOptions, read_json, train};
 use crate::load::{LoadOptions, Loaded, load_pretrained, read_input};
 use crate::models::{Arch, ModelSpec, describe, detect};
 use crate::modules::{group, named_modules, render};
 use crate::output::{write_atomic, write_safetensors};
+use crate::synth;
+use crate::train::{RunConfig, TrainOptions, read_json, train};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -216,10 +216,10 @@ fn train_command(args: TrainArgs) -> anyhow::Result<()> {
         None => {
             let mut options = args.options;
             options.epochs = args.epochs.unwrap_or(10);
-            if options.data.as_os_str().is_empty() {
-                anyhow::bail!("--data DIR is required");
-            }
-            (options, args.out.expect("clap requires --out without --resume"))
+            (
+                options,
+                args.out.expect("clap requires --out without --resume"),
+            )
         }
     };
     train(&options, &out)?;

@@ -66,7 +66,12 @@ fn scan_classes(root: &Path, dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<
         collect_images(&entry.path(), &mut files)?;
         let mut rel: Vec<String> = files
             .iter()
-            .map(|f| f.strip_prefix(root).unwrap_or(f).to_string_lossy().to_string())
+            .map(|f| {
+                f.strip_prefix(root)
+                    .unwrap_or(f)
+                    .to_string_lossy()
+                    .to_string()
+            })
             .collect();
         rel.sort();
         classes.insert(name, rel);
@@ -124,7 +129,10 @@ impl Split {
             let val = scan_classes(dir, &dir.join("val"))?;
             let names: Vec<String> = train.keys().cloned().collect();
             if let Some(extra) = val.keys().find(|k| !train.contains_key(*k)) {
-                bail!("{}: val has class '{extra}' that train lacks", dir.display());
+                bail!(
+                    "{}: val has class '{extra}' that train lacks",
+                    dir.display()
+                );
             }
             let label = |m: BTreeMap<String, Vec<String>>| -> Vec<(String, usize)> {
                 m.into_iter()
@@ -250,15 +258,20 @@ fn shrink(img: RgbImage, presize: usize) -> RgbImage {
     image::imageops::resize(&img, nw as u32, nh as u32, FilterType::Triangle)
 }
 
-/// torchvision's `RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3))` followed by
-/// `RandomHorizontalFlip()`.
-pub fn random_resized_crop(img: &RgbImage, size: usize, rng: &mut impl Rng) -> RgbImage {
+/// torchvision's `RandomResizedCrop(size, scale=(min_scale, 1), ratio=(3/4, 4/3))` followed
+/// by `RandomHorizontalFlip()`.
+pub fn random_resized_crop(
+    img: &RgbImage,
+    size: usize,
+    min_scale: f64,
+    rng: &mut impl Rng,
+) -> RgbImage {
     let (w, h) = (img.width() as f64, img.height() as f64);
     let area = w * h;
     let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
     let mut crop = None;
     for _ in 0..10 {
-        let target = area * rng.random_range(0.08..1.0);
+        let target = area * rng.random_range(min_scale.min(1.0)..=1.0);
         let aspect = rng.random_range(lo..hi).exp();
         let cw = (target * aspect).sqrt().round();
         let ch = (target / aspect).sqrt().round();
@@ -304,8 +317,12 @@ pub struct Batch {
 /// How to turn a stored image into network input.
 #[derive(Clone, Copy)]
 pub enum Transform {
-    /// Random resized crop and flip, seeded per image so that runs are reproducible.
-    Train { seed: u64 },
+    /// Random resized crop (area fraction from `min_scale` to 1) and flip, seeded per image
+    /// so that runs are reproducible.
+    Train {
+        seed: u64,
+        min_scale: f64,
+    },
     Eval,
 }
 
@@ -314,9 +331,14 @@ fn make_batch(set: &ImageSet, pre: &Preprocess, idx: &[usize], transform: Transf
     let chunks: Vec<Vec<f32>> = idx
         .par_iter()
         .map(|&i| match transform {
-            Transform::Train { seed } => {
-                let mut rng = StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                to_chw(&random_resized_crop(&set.images[i], size, &mut rng), pre.mean, pre.std)
+            Transform::Train { seed, min_scale } => {
+                let mut rng =
+                    StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                to_chw(
+                    &random_resized_crop(&set.images[i], size, min_scale, &mut rng),
+                    pre.mean,
+                    pre.std,
+                )
             }
             Transform::Eval => pre.eval(&set.images[i]),
         })
@@ -351,7 +373,9 @@ pub fn batches(
 /// The training order of an epoch: a shuffle seeded by run seed and epoch.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(&mut StdRng::seed_from_u64(seed.wrapping_add(epoch as u64 * 1_000_003)));
+    order.shuffle(&mut StdRng::seed_from_u64(
+        seed.wrapping_add(epoch as u64 * 1_000_003),
+    ));
     order
 }
 
@@ -364,7 +388,7 @@ mod tests {
         let img = RgbImage::from_fn(80, 50, |x, y| image::Rgb([x as u8, y as u8, 0]));
         let mut rng = StdRng::seed_from_u64(1);
         for _ in 0..20 {
-            let out = random_resized_crop(&img, 32, &mut rng);
+            let out = random_resized_crop(&img, 32, 0.08, &mut rng);
             assert_eq!((out.width(), out.height()), (32, 32));
         }
     }

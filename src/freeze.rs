@@ -97,8 +97,11 @@ pub fn parse_spec(spec: &str, model_spec: &ModelSpec, model: &Model) -> anyhow::
             for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 for prefix in expand_range(item)? {
                     if !names.contains(&prefix.as_str()) {
-                        let top: Vec<&str> =
-                            modules.iter().filter(|m| m.depth == 1).map(|m| m.name.as_str()).collect();
+                        let top: Vec<&str> = modules
+                            .iter()
+                            .filter(|m| m.depth == 1)
+                            .map(|m| m.name.as_str())
+                            .collect();
                         bail!(
                             "--freeze: '{prefix}' names no module of {}; top-level modules: {}",
                             model_spec.arch,
@@ -210,7 +213,10 @@ mod tests {
 
     #[test]
     fn ranges_expand_to_indices() {
-        assert_eq!(expand_range("features.2-4").unwrap(), ["features.2", "features.3", "features.4"]);
+        assert_eq!(
+            expand_range("features.2-4").unwrap(),
+            ["features.2", "features.3", "features.4"]
+        );
         assert_eq!(expand_range("layer1").unwrap(), ["layer1"]);
         assert!(expand_range("features.4-2").is_err());
     }

@@ -15,39 +15,45 @@ use rayon::prelude::*;
 /// Which class set to draw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kind {
-    /// Six classes for pretraining: triangle, stripes, checker, dots, waves, frame.
+    /// Six shape classes for pretraining: cross, disk, frame, ring, triangle, waves.
     Source,
-    /// Four different classes to transfer to: disk, ring, cross, grid.
+    /// Four texture classes to transfer to: checker, dots, grid, stripes.
     Target,
+    /// An easy set for smoke tests: three classes that differ in colour as well as in shape
+    /// or texture (red disk, green stripes, blue checker on grey).
+    Toy,
 }
 
 impl Kind {
     pub fn classes(self) -> &'static [&'static str] {
         match self {
-            Kind::Source => &["checker", "dots", "frame", "stripes", "triangle", "waves"],
-            Kind::Target => &["cross", "disk", "grid", "ring"],
+            Kind::Source => &["cross", "disk", "frame", "ring", "triangle", "waves"],
+            Kind::Target => &["checker", "dots", "grid", "stripes"],
+            Kind::Toy => &["blue_checker", "green_stripes", "red_disk"],
         }
     }
 }
 
 /// Is the point (u, v), in shape coordinates (centred, rotated, unit scale), inside class `c`?
+/// Shapes are bounded; textures fill the image, so any crop of them still shows the class.
 fn inside(class: &str, u: f32, v: f32, freq: f32) -> bool {
     let r = (u * u + v * v).sqrt();
     match class {
         "disk" => r < 1.0,
         "ring" => (0.65..1.0).contains(&r),
         "cross" => (u.abs() < 0.25 && v.abs() < 1.0) || (v.abs() < 0.25 && u.abs() < 1.0),
-        "grid" => {
-            r < 1.3 && ((u * freq).rem_euclid(1.0) < 0.25 || (v * freq).rem_euclid(1.0) < 0.25)
-        }
+        "grid" => (u * freq).rem_euclid(1.0) < 0.25 || (v * freq).rem_euclid(1.0) < 0.25,
         "triangle" => v > -0.6 && v < 1.0 && u.abs() < (1.0 - v) * 0.6,
         "stripes" => (u * freq).rem_euclid(1.0) < 0.5,
         "checker" => ((u * freq).floor() as i32 + (v * freq).floor() as i32).rem_euclid(2) == 0,
         "dots" => {
-            let (a, b) = ((u * freq).rem_euclid(1.0) - 0.5, (v * freq).rem_euclid(1.0) - 0.5);
+            let (a, b) = (
+                (u * freq).rem_euclid(1.0) - 0.5,
+                (v * freq).rem_euclid(1.0) - 0.5,
+            );
             a * a + b * b < 0.08
         }
-        "waves" => ((u * freq * 2.0 * PI).sin() * 0.3 - v * freq).rem_euclid(1.0) < 0.45,
+        "waves" => r < 1.2 && ((u * freq * PI).sin() * 0.3 - v * 2.0).rem_euclid(1.0) < 0.4,
         "frame" => u.abs().max(v.abs()) < 1.0 && u.abs().max(v.abs()) > 0.7,
         other => unreachable!("unknown synthetic class {other}"),
     }
@@ -56,13 +62,31 @@ fn inside(class: &str, u: f32, v: f32, freq: f32) -> bool {
 /// Draw one image of `class`.
 pub fn draw(class: &str, size: u32, rng: &mut impl Rng) -> RgbImage {
     let s = size as f32;
-    let bg: [f32; 3] = std::array::from_fn(|_| rng.random_range(0.0..255.0));
+    let mut bg: [f32; 3] = std::array::from_fn(|_| rng.random_range(0.0..255.0));
     let mut fg: [f32; 3] = std::array::from_fn(|_| rng.random_range(0.0..255.0));
+    // Toy classes carry their colour in their name: `red_disk` is a red disk on grey.
+    let (class, tint) = match class.split_once('_') {
+        Some((colour, shape)) => (shape, Some(colour)),
+        None => (class, None),
+    };
+    if let Some(colour) = tint {
+        let grey = rng.random_range(90.0..170.0);
+        bg = [grey; 3];
+        let (hi, lo) = (rng.random_range(190.0..255.0), rng.random_range(0.0..60.0));
+        fg = match colour {
+            "red" => [hi, lo, lo],
+            "green" => [lo, hi, lo],
+            _ => [lo, lo, hi],
+        };
+    }
     // Keep enough contrast between shape and background.
     if fg.iter().zip(&bg).map(|(a, b)| (a - b).abs()).sum::<f32>() < 150.0 {
         fg = bg.map(|c| 255.0 - c);
     }
-    let (cx, cy) = (rng.random_range(0.35..0.65) * s, rng.random_range(0.35..0.65) * s);
+    let (cx, cy) = (
+        rng.random_range(0.35..0.65) * s,
+        rng.random_range(0.35..0.65) * s,
+    );
     let scale = rng.random_range(0.22..0.38) * s;
     let angle = rng.random_range(0.0..PI);
     let freq = rng.random_range(2.0..4.0);
@@ -80,10 +104,17 @@ pub fn draw(class: &str, size: u32, rng: &mut impl Rng) -> RgbImage {
 }
 
 /// Write `per_class` PNG images per class of `kind` into `out/CLASS/NNNN.png`.
-pub fn write_dataset(out: &Path, kind: Kind, per_class: usize, size: u32, seed: u64) -> anyhow::Result<()> {
+pub fn write_dataset(
+    out: &Path,
+    kind: Kind,
+    per_class: usize,
+    size: u32,
+    seed: u64,
+) -> anyhow::Result<()> {
     for (c, class) in kind.classes().iter().enumerate() {
         let dir = out.join(class);
-        std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
         (0..per_class).into_par_iter().try_for_each(|i| {
             let mut rng = StdRng::seed_from_u64(seed ^ ((c as u64) << 32) ^ i as u64);
             let path = dir.join(format!("{i:04}.png"));

@@ -12,8 +12,7 @@ use anyhow::{Context, bail};
 use burn::module::{Module, ParamId};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{
-    AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig,
-    decay::WeightDecayConfig,
+    AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig, decay::WeightDecayConfig,
     momentum::MomentumConfig,
 };
 use burn::prelude::*;
@@ -60,8 +59,8 @@ pub struct TrainOptions {
     #[arg(long)]
     pub key: Option<String>,
     /// Image folder: one sub-folder per class, or `train/` and `val/` with those.
-    #[arg(long, default_value = "")]
-    pub data: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    pub data: Option<PathBuf>,
     /// What to freeze: `none`, `backbone`, module prefixes `a,b`, or a range `features.0-13`.
     #[arg(long, default_value = "none")]
     pub freeze: String,
@@ -108,6 +107,9 @@ pub struct TrainOptions {
     /// `auto` weights the loss by inverse class frequency.
     #[arg(long)]
     pub class_weights: Option<ClassWeights>,
+    /// Smallest area fraction of RandomResizedCrop (torchvision: 0.08).
+    #[arg(long, default_value_t = 0.08)]
+    pub crop_scale: f64,
     /// Square input side (default: the model's pretrained config).
     #[arg(long)]
     pub image_size: Option<usize>,
@@ -214,6 +216,7 @@ fn autodiff_device() -> Device {
 /// Start a run in `out`, or continue the one there (`resume`), for `epochs` epochs in all.
 pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let data_dir = options.data.as_deref().context("--data DIR is required")?;
     let started = Instant::now();
     install_interrupt_handler();
     let device = autodiff_device();
@@ -223,7 +226,7 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
     let split: Split = if split_path.exists() {
         read_json(&split_path)?
     } else {
-        let split = Split::make(&options.data, options.val_fraction, options.seed)?;
+        let split = Split::make(data_dir, options.val_fraction, options.seed)?;
         write_json(&split_path, &split)?;
         split
     };
@@ -232,7 +235,8 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
     }
     let num_classes = split.classes.len();
 
-    // The network, pretrained or not.
+    // The network, pretrained or not; the seed also fixes the new head's initial weights.
+    device.seed(options.seed);
     let (mut model, spec, report) = build_model(options, num_classes, &device)?;
     if let Some(report) = &report {
         eprintln!("{report}");
@@ -266,9 +270,18 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
     let mut state = if last_dir.join("state.json").exists() {
         model = model
             .try_load_file(last_dir.join("model.bpk"))
-            .map_err(|e| anyhow::anyhow!("{}: cannot load the last checkpoint: {e}", last_dir.display()))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: cannot load the last checkpoint: {e}",
+                    last_dir.display()
+                )
+            })?;
         let state: RunState = read_json(&last_dir.join("state.json"))?;
-        eprintln!("resuming {} after epoch {}", out.display(), state.epochs_done);
+        eprintln!(
+            "resuming {} after epoch {}",
+            out.display(),
+            state.epochs_done
+        );
         state
     } else {
         RunState {
@@ -291,22 +304,28 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
 
     // Images decoded once, presized to what the transforms need.
     let presize = preprocess.resize_size.max(preprocess.input_size);
-    let train_set = Arc::new(ImageSet::load(&options.data, &split.train, presize));
-    let val_set = Arc::new(ImageSet::load(&options.data, &split.val, presize));
+    let train_set = Arc::new(ImageSet::load(data_dir, &split.train, presize));
+    let val_set = Arc::new(ImageSet::load(data_dir, &split.val, presize));
     for (label, name) in split.classes.iter().enumerate() {
         if !train_set.labels.contains(&label) {
             bail!("class '{name}' has no readable training images");
         }
     }
-    let loss_weights = options.class_weights.map(|_| inverse_frequency(&train_set.labels, num_classes));
+    let loss_weights = options
+        .class_weights
+        .map(|_| inverse_frequency(&train_set.labels, num_classes));
 
     let mut cache: Option<FeatureCache> = None;
-    let steps_per_epoch = train_set.len().div_ceil(options.batch_size);
+    let steps_per_epoch = train_set.len().div_ceil(options.batch_size).max(1);
     let head_ids = head_param_ids(&model);
     for epoch in state.epochs_done..options.epochs {
         let set = phase_set(epoch);
         if epoch > 0 && set != phase_set(epoch - 1) {
-            eprintln!("epoch {}: unfreezing to --freeze {}", epoch + 1, options.freeze);
+            eprintln!(
+                "epoch {}: unfreezing to --freeze {}",
+                epoch + 1,
+                options.freeze
+            );
             model = freeze::apply(model, set, options.frozen_bn);
             cache = None;
         }
@@ -314,7 +333,13 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
             && options.frozen_bn == FrozenBn::Eval
             && set.is_whole_backbone(&spec, &model);
         if use_cache && cache.is_none() {
-            cache = Some(FeatureCache::build(&model, &train_set, &val_set, &preprocess, options)?);
+            cache = Some(FeatureCache::build(
+                &model,
+                &train_set,
+                &val_set,
+                &preprocess,
+                options,
+            )?);
         }
         device.seed(options.seed.wrapping_add(epoch as u64));
         let epoch_start = Instant::now();
@@ -329,7 +354,14 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
         let progress = progress_bar(epoch, options.epochs, train_set.len());
         let (new_model, train_loss, train_acc, lr) = match (&cache, use_cache) {
             (Some(c), true) => train_epoch_cached(model, &mut optimizers, c, &ctx, &progress)?,
-            _ => train_epoch(model, &mut optimizers, &train_set, &preprocess, &ctx, &progress)?,
+            _ => train_epoch(
+                model,
+                &mut optimizers,
+                &train_set,
+                &preprocess,
+                &ctx,
+                &progress,
+            )?,
         };
         model = new_model;
         progress.finish_and_clear();
@@ -401,7 +433,12 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
         feature_cache: cache.is_some(),
         train_images: train_set.len(),
         val_images: val_set.len(),
-        skipped_images: train_set.skipped.iter().chain(&val_set.skipped).cloned().collect(),
+        skipped_images: train_set
+            .skipped
+            .iter()
+            .chain(&val_set.skipped)
+            .cloned()
+            .collect(),
         leaked_images: split.leaked.clone(),
         wall_seconds: started.elapsed().as_secs_f64(),
         train_images_per_second: {
@@ -496,7 +533,14 @@ impl Optimizers {
         self.body.save(dir.join("optim_body.bpk")).map_err(err)
     }
 
-    fn step(&mut self, model: Model, loss: Tensor<1>, head_ids: &[ParamId], lr: f64, head_mult: f64) -> Model {
+    fn step(
+        &mut self,
+        model: Model,
+        loss: Tensor<1>,
+        head_ids: &[ParamId],
+        lr: f64,
+        head_mult: f64,
+    ) -> Model {
         let mut grads = loss.backward();
         let head = GradientsParams::from_params(&mut grads, &model, head_ids);
         let body = GradientsParams::from_grads(grads, &model);
@@ -529,9 +573,14 @@ fn learning_rate(options: &TrainOptions, step: usize, steps_per_epoch: usize) ->
     let epoch = step / steps_per_epoch.max(1);
     match options.schedule {
         Schedule::Constant => base,
-        Schedule::Step => base * options.gamma.powi((epoch / options.step_size.max(1)) as i32),
+        Schedule::Step => {
+            base * options
+                .gamma
+                .powi((epoch / options.step_size.max(1)) as i32)
+        }
         Schedule::Cosine => {
-            let warmup = options.warmup_epochs.min(options.epochs.saturating_sub(1)) * steps_per_epoch;
+            let warmup =
+                options.warmup_epochs.min(options.epochs.saturating_sub(1)) * steps_per_epoch;
             let total = options.epochs * steps_per_epoch;
             if step < warmup {
                 base * (step + 1) as f64 / warmup as f64
@@ -555,10 +604,14 @@ struct StepContext<'a> {
 impl StepContext<'_> {
     fn loss(&self, logits: Tensor<2>, labels: &[usize]) -> anyhow::Result<(Tensor<1>, f64, usize)> {
         let targets = Tensor::<1, Int>::from_data(
-            TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [labels.len()]),
+            TensorData::new(
+                labels.iter().map(|&l| l as i64).collect::<Vec<_>>(),
+                [labels.len()],
+            ),
             self.device,
         );
-        let smoothing = (self.options.label_smoothing > 0.0).then_some(self.options.label_smoothing);
+        let smoothing =
+            (self.options.label_smoothing > 0.0).then_some(self.options.label_smoothing);
         let ce = CrossEntropyLossConfig::new()
             .with_smoothing(smoothing)
             .with_weights(self.loss_weights.clone())
@@ -577,9 +630,16 @@ impl StepContext<'_> {
 }
 
 fn count_correct(logits: &Tensor<2>, labels: &[usize]) -> anyhow::Result<usize> {
-    let pred = logits.clone().argmax(1).try_into_vec_as::<i64>()
+    let pred = logits
+        .clone()
+        .argmax(1)
+        .try_into_vec_as::<i64>()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    Ok(pred.iter().zip(labels).filter(|(p, l)| **p as usize == **l).count())
+    Ok(pred
+        .iter()
+        .zip(labels)
+        .filter(|(p, l)| **p as usize == **l)
+        .count())
 }
 
 fn progress_bar(epoch: usize, epochs: usize, images: usize) -> ProgressBar {
@@ -606,9 +666,23 @@ fn train_epoch(
     progress: &ProgressBar,
 ) -> EpochResult {
     let opts = ctx.options;
-    let order = data::epoch_order(set.len(), opts.seed, ctx.epoch);
+    let mut order = data::epoch_order(set.len(), opts.seed, ctx.epoch);
+    // Drop the last partial batch (timm's drop_last): a batch of one would give train-mode
+    // BatchNorm a zero variance and wreck its statistics.
+    if order.len() > opts.batch_size {
+        order.truncate(order.len() / opts.batch_size * opts.batch_size);
+    }
     let seed = opts.seed.wrapping_mul(31).wrapping_add(ctx.epoch as u64);
-    let rx = data::batches(set.clone(), pre.clone(), order, opts.batch_size, Transform::Train { seed });
+    let rx = data::batches(
+        set.clone(),
+        pre.clone(),
+        order,
+        opts.batch_size,
+        Transform::Train {
+            seed,
+            min_scale: opts.crop_scale,
+        },
+    );
     let (mut loss_sum, mut correct, mut seen, mut lr) = (0.0, 0, 0, 0.0);
     let size = pre.input_size;
     for (i, batch) in rx.into_iter().enumerate() {
@@ -616,18 +690,34 @@ fn train_epoch(
             break;
         }
         let n = batch.labels.len();
-        let x = Tensor::<4>::from_data(TensorData::new(batch.pixels, [n, 3, size, size]), ctx.device);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(batch.pixels, [n, 3, size, size]),
+            ctx.device,
+        );
         let logits = model.forward(x);
         let (loss, value, c) = ctx.loss(logits, &batch.labels)?;
-        lr = learning_rate(opts, ctx.epoch * ctx.steps_per_epoch + i, ctx.steps_per_epoch);
+        lr = learning_rate(
+            opts,
+            ctx.epoch * ctx.steps_per_epoch + i,
+            ctx.steps_per_epoch,
+        );
         model = optimizers.step(model, loss, ctx.head_ids, lr, opts.head_lr_mult);
         loss_sum += value * n as f64;
         correct += c;
         seen += n;
         progress.inc(n as u64);
-        progress.set_message(format!("loss {:.4} acc {:.3}", loss_sum / seen as f64, correct as f64 / seen as f64));
+        progress.set_message(format!(
+            "loss {:.4} acc {:.3}",
+            loss_sum / seen as f64,
+            correct as f64 / seen as f64
+        ));
     }
-    Ok((model, loss_sum / seen.max(1) as f64, correct as f64 / seen.max(1) as f64, lr))
+    Ok((
+        model,
+        loss_sum / seen.max(1) as f64,
+        correct as f64 / seen.max(1) as f64,
+        lr,
+    ))
 }
 
 /// Pooled backbone outputs computed once: `views` per training image (the first with the
@@ -652,17 +742,28 @@ impl FeatureCache {
         let views = options.cache_views.max(1);
         let bar = ProgressBar::new(((train.len() * views) + val.len()) as u64);
         bar.set_style(
-            ProgressStyle::with_template("caching features [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "caching features [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})",
+            )
+            .expect("valid template"),
         );
         let embed = |set: &Arc<ImageSet>, transform: Transform| -> anyhow::Result<Vec<Vec<f32>>> {
             let order: Vec<usize> = (0..set.len()).collect();
             let mut out = Vec::with_capacity(set.len());
             let size = pre.input_size;
-            for batch in data::batches(set.clone(), pre.clone(), order, options.batch_size, transform) {
+            for batch in data::batches(
+                set.clone(),
+                pre.clone(),
+                order,
+                options.batch_size,
+                transform,
+            ) {
                 let n = batch.labels.len();
                 let device = crate::cli::device();
-                let x = Tensor::<4>::from_data(TensorData::new(batch.pixels, [n, 3, size, size]), &device);
+                let x = Tensor::<4>::from_data(
+                    TensorData::new(batch.pixels, [n, 3, size, size]),
+                    &device,
+                );
                 let e = crate::cli::to_vec(eval_model.embed(x))?;
                 let d = e.len() / n;
                 out.extend(e.chunks(d).map(<[f32]>::to_vec));
@@ -673,7 +774,13 @@ impl FeatureCache {
         let mut per_view = vec![embed(train, Transform::Eval)?];
         for v in 1..views {
             let seed = options.seed.wrapping_mul(7919).wrapping_add(v as u64);
-            per_view.push(embed(train, Transform::Train { seed })?);
+            per_view.push(embed(
+                train,
+                Transform::Train {
+                    seed,
+                    min_scale: options.crop_scale,
+                },
+            )?);
         }
         let val_emb = embed(val, Transform::Eval)?;
         bar.finish_and_clear();
@@ -716,14 +823,23 @@ fn train_epoch_cached(
         let x = Tensor::<2>::from_data(TensorData::new(features, [n, cache.dim]), ctx.device);
         let logits = model.forward_head(x);
         let (loss, value, c) = ctx.loss(logits, &labels)?;
-        lr = learning_rate(opts, ctx.epoch * ctx.steps_per_epoch + i, ctx.steps_per_epoch);
+        lr = learning_rate(
+            opts,
+            ctx.epoch * ctx.steps_per_epoch + i,
+            ctx.steps_per_epoch,
+        );
         model = optimizers.step(model, loss, ctx.head_ids, lr, opts.head_lr_mult);
         loss_sum += value * n as f64;
         correct += c;
         seen += n;
         progress.inc(n as u64);
     }
-    Ok((model, loss_sum / seen.max(1) as f64, correct as f64 / seen.max(1) as f64, lr))
+    Ok((
+        model,
+        loss_sum / seen.max(1) as f64,
+        correct as f64 / seen.max(1) as f64,
+        lr,
+    ))
 }
 
 /// Mean cross-entropy, top-1 and top-5 of `logits` rows against `labels`.
@@ -740,7 +856,12 @@ pub fn score(logits: &[f32], labels: &[usize], classes: usize) -> (f64, usize, u
     (loss, top1, top5)
 }
 
-fn evaluate(model: &Model, set: &Arc<ImageSet>, pre: &Preprocess, batch_size: usize) -> anyhow::Result<(f64, f64, f64)> {
+fn evaluate(
+    model: &Model,
+    set: &Arc<ImageSet>,
+    pre: &Preprocess,
+    batch_size: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
     let eval_model = model.valid();
     let device = crate::cli::device();
     let order: Vec<usize> = (0..set.len()).collect();
@@ -769,7 +890,11 @@ fn evaluate_cached(model: &Model, cache: &FeatureCache) -> anyhow::Result<(f64, 
     let x = Tensor::<2>::from_data(TensorData::new(cache.val.concat(), [n, cache.dim]), &device);
     let logits = crate::cli::to_vec(eval_model.forward_head(x))?;
     let (loss, top1, top5) = score(&logits, &cache.val_labels, logits.len() / n);
-    Ok((loss / n as f64, top1 as f64 / n as f64, top5 as f64 / n as f64))
+    Ok((
+        loss / n as f64,
+        top1 as f64 / n as f64,
+        top5 as f64 / n as f64,
+    ))
 }
 
 fn inverse_frequency(labels: &[usize], classes: usize) -> Vec<f32> {
@@ -789,7 +914,11 @@ fn param_counts(model: &Model, frozen: &FreezeSet) -> (usize, usize) {
         .filter(|(name, _, _)| !name.contains("running_"))
         .fold((0, 0), |(t, f), (name, shape, _)| {
             let n: usize = shape.iter().product();
-            if frozen.contains(name) { (t, f + n) } else { (t + n, f) }
+            if frozen.contains(name) {
+                (t, f + n)
+            } else {
+                (t + n, f)
+            }
         })
 }
 
@@ -801,7 +930,15 @@ fn write_metrics(out: &Path, history: &[EpochMetrics]) -> anyhow::Result<()> {
     for m in history {
         csv.push_str(&format!(
             "{},{},{},{},{},{},{},{},{}\n",
-            m.epoch, m.train_loss, m.train_acc, m.val_loss, m.val_top1, m.val_top5, m.lr, m.epoch_seconds, m.images_per_second
+            m.epoch,
+            m.train_loss,
+            m.train_acc,
+            m.val_loss,
+            m.val_top1,
+            m.val_top5,
+            m.lr,
+            m.epoch_seconds,
+            m.images_per_second
         ));
         jsonl.push_str(&serde_json::to_string(m)?);
         jsonl.push('\n');
@@ -812,7 +949,12 @@ fn write_metrics(out: &Path, history: &[EpochMetrics]) -> anyhow::Result<()> {
 
 /// Write `last/` beside the run as `last.tmp/`, then swap it in, so a crash leaves either
 /// the previous or the new checkpoint whole.
-fn save_last(out: &Path, model: &Model, optimizers: &Optimizers, state: &RunState) -> anyhow::Result<()> {
+fn save_last(
+    out: &Path,
+    model: &Model,
+    optimizers: &Optimizers,
+    state: &RunState,
+) -> anyhow::Result<()> {
     let tmp = out.join("last.tmp");
     let last = out.join("last");
     let old = out.join("last.old");
@@ -827,7 +969,8 @@ fn save_last(out: &Path, model: &Model, optimizers: &Optimizers, state: &RunStat
     write_weights(&tmp.join("model.safetensors"), model)?;
     let _ = std::fs::remove_dir_all(&old);
     if last.exists() {
-        std::fs::rename(&last, &old).with_context(|| format!("{}: cannot rotate", last.display()))?;
+        std::fs::rename(&last, &old)
+            .with_context(|| format!("{}: cannot rotate", last.display()))?;
     }
     std::fs::rename(&tmp, &last).with_context(|| format!("{}: cannot rename", last.display()))?;
     let _ = std::fs::remove_dir_all(&old);
