@@ -1,0 +1,421 @@
+//! `retrain train` on generated datasets: every regime, the freeze audit, frozen BatchNorm
+//! statistics, exact resume, determinism, bad images and bad specs.
+
+mod common;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use retrain::checkpoint;
+
+/// A small toy dataset (classes visible in colour, shape and texture), made once per test.
+fn toy(dir: &Path, per_class: usize) -> PathBuf {
+    let data = dir.join("toy");
+    retrain_ok([
+        "synth".as_ref(),
+        "--kind".as_ref(),
+        "toy".as_ref(),
+        "--out".as_ref(),
+        data.as_os_str(),
+        "--per-class".as_ref(),
+        per_class.to_string().as_ref(),
+        "--size".as_ref(),
+        "32".as_ref(),
+    ]);
+    data
+}
+
+fn train(data: &Path, out: &Path, weights: &str, extra: &[&str]) -> String {
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        "--weights".into(),
+        fixture(weights).display().to_string(),
+        "--data".into(),
+        data.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+        "--image-size".into(),
+        "32".into(),
+        "--batch-size".into(),
+        "16".into(),
+        "--crop-scale".into(),
+        "0.5".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    retrain_ok(args)
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+fn best_top1(run: &Path) -> f64 {
+    json(&run.join("summary.json"))["best_top1"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn full_fine_tune_learns_and_writes_the_run_folder() {
+    let dir = tempdir();
+    let data = toy(dir.path(), 30);
+    let run = dir.path().join("run");
+    let stdout = train(
+        &data,
+        &run,
+        "resnet18_w16.pth",
+        &["--freeze", "none", "--epochs", "3"],
+    );
+    assert!(stdout.contains("epoch   3/3"), "{stdout}");
+    assert!(best_top1(&run) >= 0.9, "val top-1 {}", best_top1(&run));
+    for f in [
+        "config.json",
+        "load_report.json",
+        "split.json",
+        "metrics.csv",
+        "metrics.jsonl",
+        "best.safetensors",
+        "summary.json",
+        "last/model.bpk",
+        "last/state.json",
+    ] {
+        assert!(run.join(f).exists(), "{f}");
+    }
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "header + 3 epochs");
+    assert!(csv.starts_with(
+        "epoch,train_loss,train_acc,val_loss,val_top1,val_top5,lr,epoch_seconds,images_per_second"
+    ));
+    let config = json(&run.join("config.json"));
+    assert_eq!(
+        config["classes"],
+        serde_json::json!(["blue_checker", "green_stripes", "red_disk"])
+    );
+    assert_eq!(config["preprocess"]["input_size"], 32);
+    let split = json(&run.join("split.json"));
+    assert_eq!(
+        split["train"].as_array().unwrap().len() + split["val"].as_array().unwrap().len(),
+        90
+    );
+    assert_eq!(split["train"][0]["sha256"].as_str().unwrap().len(), 64);
+
+    // best.safetensors has PyTorch names and buffers, and loads back with 3 classes.
+    let best = checkpoint::read(&run.join("best.safetensors"), None).unwrap();
+    assert_eq!(best.get("fc.weight").unwrap().shape, vec![3, 128]);
+    assert_eq!(best.get("bn1.num_batches_tracked").unwrap().dtype, "int64");
+    let report = json(&run.join("load_report.json"));
+    assert_eq!(report["head_reinitialized"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn head_only_with_and_without_feature_cache_reach_the_same_accuracy() {
+    let dir = tempdir();
+    let data = toy(dir.path(), 30);
+    let args = ["--freeze", "backbone", "--epochs", "5", "--lr", "1e-2"];
+    let cached = dir.path().join("cached");
+    train(&data, &cached, "resnet18_w16.pth", &args);
+    let naive = dir.path().join("naive");
+    let mut naive_args = args.to_vec();
+    naive_args.push("--no-feature-cache");
+    train(&data, &naive, "resnet18_w16.pth", &naive_args);
+    let (a, b) = (
+        json(&cached.join("summary.json")),
+        json(&naive.join("summary.json")),
+    );
+    assert_eq!(a["feature_cache"], true);
+    assert_eq!(b["feature_cache"], false);
+    assert!(a["best_top1"].as_f64().unwrap() >= 0.9, "{a}");
+    assert!((a["best_top1"].as_f64().unwrap() - b["best_top1"].as_f64().unwrap()).abs() <= 0.15);
+    assert_eq!(a["trainable_params"], 128 * 3 + 3);
+    assert_eq!(a["freeze_audit_passed"], true);
+}
+
+/// Frozen tensors, BatchNorm statistics included, come out bit-identical to the checkpoint;
+/// with `--frozen-bn train` the statistics move but the weights do not.
+#[test]
+fn partial_freeze_keeps_weights_and_batchnorm_statistics_bit_identical() {
+    let dir = tempdir();
+    let data = toy(dir.path(), 20);
+    let original = checkpoint::read(&fixture("mbv2_w025.pth"), None).unwrap();
+    let frozen = |k: &str| {
+        k.strip_prefix("features.")
+            .and_then(|r| r.split('.').next()?.parse::<usize>().ok())
+            .is_some_and(|i| i <= 13)
+            && !k.ends_with("num_batches_tracked")
+    };
+
+    let run = dir.path().join("eval_bn");
+    train(
+        &data,
+        &run,
+        "mbv2_w025.pth",
+        &["--freeze", "features.0-13", "--epochs", "2", "--lr", "1e-2"],
+    );
+    let trained = checkpoint::read(&run.join("last/model.safetensors"), None).unwrap();
+    let mut checked = 0;
+    for (name, t) in original.iter().filter(|(k, _)| frozen(k)) {
+        assert_eq!(trained.get(name).unwrap().data, t.data, "{name} changed");
+        checked += 1;
+    }
+    assert!(checked > 100, "checked {checked} frozen tensors");
+    let moved = trained.get("features.16.conv.2.weight").unwrap().data
+        != original.get("features.16.conv.2.weight").unwrap().data;
+    assert!(moved, "unfrozen layers train");
+    assert_eq!(json(&run.join("summary.json"))["frozen_tensors"], checked);
+
+    let run = dir.path().join("train_bn");
+    train(
+        &data,
+        &run,
+        "mbv2_w025.pth",
+        &[
+            "--freeze",
+            "features.0-13",
+            "--frozen-bn",
+            "train",
+            "--epochs",
+            "1",
+        ],
+    );
+    let trained = checkpoint::read(&run.join("last/model.safetensors"), None).unwrap();
+    let stat = "features.2.conv.0.1.running_mean";
+    assert_ne!(
+        trained.get(stat).unwrap().data,
+        original.get(stat).unwrap().data,
+        "stats move"
+    );
+    let w = "features.2.conv.0.0.weight";
+    assert_eq!(
+        trained.get(w).unwrap().data,
+        original.get(w).unwrap().data,
+        "weights stay"
+    );
+}
+
+/// The audit compares checksums of frozen tensors; it flags a tensor that did change.
+#[test]
+fn freeze_audit_catches_a_tensor_that_was_not_really_frozen() {
+    use burn::prelude::*;
+    use retrain::freeze::{self, FreezeSet, FrozenBn};
+    use retrain::models::{Arch, ModelSpec};
+
+    let device = Device::flex().autodiff();
+    let spec = ModelSpec::new(Arch::ResNet18, 3);
+    let model = spec.build(&device);
+    let set = freeze::parse_spec("layer1", &spec, &model).unwrap();
+    let before = freeze::checksums(&model, &set, FrozenBn::Eval);
+    assert!(before.keys().any(|k| k == "layer1.0.conv1.weight"));
+
+    // One training step with the freeze applied, and one with it forgotten.
+    let step = |model: retrain::models::Model| {
+        use burn::optim::{GradientsParams, SgdConfig};
+        let x = Tensor::<4>::ones([2, 3, 32, 32], &device);
+        let loss = model.forward(x).sum();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        SgdConfig::new().init().step(0.1, model, grads)
+    };
+    let frozen = step(freeze::apply(model.clone(), &set, FrozenBn::Eval));
+    assert!(freeze::audit(&before, &freeze::checksums(&frozen, &set, FrozenBn::Eval)).is_empty());
+    let leaky = step(freeze::apply(
+        spec.build(&device),
+        &FreezeSet::none(),
+        FrozenBn::Eval,
+    ));
+    let changed = freeze::audit(&before, &freeze::checksums(&leaky, &set, FrozenBn::Eval));
+    assert!(
+        changed.iter().any(|k| k.starts_with("layer1.")),
+        "{changed:?}"
+    );
+}
+
+/// 2 epochs, then a resume for 2 more, equal 4 epochs straight: weights bit for bit and
+/// the same metrics. Also shows that the same seed gives the same run.
+#[test]
+fn resume_continues_exactly() {
+    let dir = tempdir();
+    let data = toy(dir.path(), 20);
+    let args = [
+        "--freeze",
+        "features.0-10",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.01",
+        "--schedule",
+        "constant",
+    ];
+    let straight = dir.path().join("straight");
+    let mut a = args.to_vec();
+    a.extend(["--epochs", "4"]);
+    train(&data, &straight, "mbv2_w025.pth", &a);
+    let resumed = dir.path().join("resumed");
+    let mut b = args.to_vec();
+    b.extend(["--epochs", "2"]);
+    train(&data, &resumed, "mbv2_w025.pth", &b);
+    retrain_ok([
+        "train".as_ref(),
+        "--resume".as_ref(),
+        resumed.as_os_str(),
+        "--epochs".as_ref(),
+        "4".as_ref(),
+    ]);
+
+    let w = |run: &Path| std::fs::read(run.join("last/model.safetensors")).unwrap();
+    assert!(w(&straight) == w(&resumed), "weights differ after resume");
+    let metrics = |run: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (ms, mr) = (metrics(&straight), metrics(&resumed));
+    assert_eq!(ms.len(), 4);
+    assert_eq!(mr.len(), 4);
+    for (s, r) in ms.iter().zip(&mr) {
+        for key in ["train_loss", "train_acc", "val_loss", "val_top1", "lr"] {
+            let (x, y) = (s[key].as_f64().unwrap(), r[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() < 1e-9,
+                "epoch {} {key}: {x} vs {y}",
+                s["epoch"]
+            );
+        }
+    }
+    assert_eq!(
+        json(&straight.join("split.json")),
+        json(&resumed.join("split.json"))
+    );
+}
+
+#[test]
+fn two_phase_unfreeze_trains_head_first_then_the_rest() {
+    let dir = tempdir();
+    let data = toy(dir.path(), 20);
+    let run = dir.path().join("run");
+    let out = retrain([
+        "train",
+        "--weights",
+        fixture("resnet18_w16.pth").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--freeze",
+        "layer1",
+        "--unfreeze-at",
+        "1",
+        "--epochs",
+        "2",
+        "--head-lr-mult",
+        "10",
+        "--label-smoothing",
+        "0.1",
+        "--class-weights",
+        "auto",
+        "--optimizer",
+        "sgd",
+        "--nesterov",
+        "--schedule",
+        "step",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unfreezing"));
+    let summary = json(&run.join("summary.json"));
+    assert_eq!(summary["freeze_audit_passed"], true);
+    assert_eq!(summary["epochs"], 2);
+}
+
+#[test]
+fn unreadable_images_are_skipped_and_named() {
+    let dir = tempdir();
+    let data = toy(dir.path(), 12);
+    std::fs::write(
+        data.join("red_disk/broken.jpg"),
+        b"\xff\xd8\xff\xe0 not really a jpeg",
+    )
+    .unwrap();
+    std::fs::write(data.join("red_disk/notes.txt"), b"ignored").unwrap();
+    std::fs::write(data.join("red_disk/.hidden.png"), b"ignored").unwrap();
+    let run = dir.path().join("run");
+    let out = retrain([
+        "train",
+        "--weights",
+        fixture("resnet18_w16.pth").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--val-fraction",
+        "0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("broken.jpg"));
+    let skipped = json(&run.join("summary.json"))["skipped_images"].clone();
+    assert_eq!(skipped.as_array().unwrap().len(), 1, "{skipped}");
+    assert!(skipped[0].as_str().unwrap().contains("broken.jpg"));
+
+    // A class whose images are all unreadable is an error.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir_all(bad.join("a")).unwrap();
+    std::fs::create_dir_all(bad.join("b")).unwrap();
+    std::fs::copy(data.join("red_disk/0000.png"), bad.join("a/x.png")).unwrap();
+    std::fs::write(bad.join("b/y.png"), b"garbage").unwrap();
+    let stderr = retrain_err([
+        "train",
+        "--weights",
+        fixture("resnet18_w16.pth").to_str().unwrap(),
+        "--data",
+        bad.to_str().unwrap(),
+        "--out",
+        dir.path().join("r2").to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+    ]);
+    assert!(stderr.contains("class 'b'"), "{stderr}");
+}
+
+#[test]
+fn bad_freeze_spec_lists_the_valid_names() {
+    let dir = tempdir();
+    let data = toy(dir.path(), 4);
+    for spec in ["encoder.3", "features.20-30"] {
+        let stderr = retrain_err([
+            "train",
+            "--weights",
+            fixture("mbv2_w025.pth").to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            dir.path().join("r").to_str().unwrap(),
+            "--freeze",
+            spec,
+            "--epochs",
+            "1",
+        ]);
+        assert!(
+            stderr.contains("top-level modules: features, classifier"),
+            "{stderr}"
+        );
+    }
+}
