@@ -9,10 +9,14 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::checkpoint;
+use crate::compare::{compare, parse_regimes, summary_markdown};
+use crate::evaluate::{evaluate_run, expand_images, load_run, render as render_eval};
+use crate::export::export;
 use crate::load::{LoadOptions, Loaded, load_pretrained, read_input};
 use crate::models::{Arch, ModelSpec, describe, detect};
 use crate::modules::{group, named_modules, render};
-use crate::output::{write_atomic, write_safetensors};
+use crate::output::{write_atomic, write_json, write_safetensors};
+use crate::report::plot_confusion;
 use crate::synth;
 use crate::train::{RunConfig, TrainOptions, read_json, train};
 
@@ -64,8 +68,11 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
-    /// Classify images with a pretrained checkpoint.
+    /// Classify images (folders are walked) with a trained run or a pretrained checkpoint.
     Predict {
+        /// A run folder from `train`: its classes, preprocessing and best weights.
+        #[arg(long, conflicts_with = "weights")]
+        run: Option<PathBuf>,
         #[arg(long)]
         arch: Option<Arch>,
         #[command(flatten)]
@@ -79,6 +86,32 @@ enum Command {
     },
     /// Fine-tune on an image folder: head only, partly frozen, full, or from scratch.
     Train(Box<TrainArgs>),
+    /// Train several regimes on the same split and draw their curves in one figure.
+    Compare(Box<CompareArgs>),
+    /// Evaluate a run: top-1/top-5, per-class precision and recall, confusion matrix.
+    Eval {
+        #[arg(long)]
+        run: PathBuf,
+        /// Class folders to evaluate on (default: the run's validation split).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export a run's weights for PyTorch (`.pth`, zip format) or as `.safetensors`.
+    Export {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Transfer learning end to end on built-in data: pretrain, then compare regimes.
+    Demo {
+        #[arg(long, default_value = "demo-out")]
+        out: PathBuf,
+    },
     /// Write a procedural image dataset (class folders of PNGs).
     Synth {
         #[arg(long, value_enum)]
@@ -107,6 +140,20 @@ struct TrainArgs {
     /// Total epochs [default: 10; on resume, the run's own].
     #[arg(long)]
     epochs: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct CompareArgs {
+    #[command(flatten)]
+    options: TrainOptions,
+    /// Folder for the comparison: one run folder per regime, the figure, the summary.
+    #[arg(long)]
+    out: PathBuf,
+    /// Regimes: head, partial (or partial:SPEC), full, scratch.
+    #[arg(long, default_value = "head,partial,full,scratch")]
+    regimes: String,
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -186,12 +233,73 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             output,
         } => forward(arch, &weights, &input, input_tensor.as_deref(), &output),
         Command::Predict {
+            run,
             arch,
             weights,
             top_k,
             json,
             images,
-        } => predict(arch, &weights, top_k, json, &images),
+        } => predict(run.as_deref(), arch, &weights, top_k, json, &images),
+        Command::Compare(args) => {
+            let CompareArgs {
+                mut options,
+                out,
+                regimes,
+                epochs,
+            } = *args;
+            options.epochs = epochs;
+            let arch = match (options.arch, &options.weights) {
+                (Some(a), _) => a,
+                (None, Some(w)) => {
+                    detect(&checkpoint::read(w, options.key.as_deref())?)
+                        .context("cannot tell the architecture from --weights; pass --arch")?
+                        .arch
+                }
+                (None, None) => anyhow::bail!("pass --weights (and optionally --arch)"),
+            };
+            let regimes = parse_regimes(&regimes, arch)?;
+            let summary = compare(&options, &regimes, &out)?;
+            println!("\n{}", summary_markdown(&summary));
+            println!("figure: {}", out.join("curves.png").display());
+            Ok(())
+        }
+        Command::Eval {
+            run,
+            data,
+            batch_size,
+            json,
+        } => {
+            let report = evaluate_run(&run, data.as_deref(), batch_size)?;
+            let config: RunConfig = read_json(&run.join("config.json"))?;
+            plot_confusion(
+                &report.confusion,
+                &config.classes,
+                &run.join("confusion.png"),
+            )?;
+            write_json(&run.join("eval.json"), &report)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", render_eval(&report, &config.classes));
+                println!(
+                    "\nconfusion matrix figure: {}",
+                    run.join("confusion.png").display()
+                );
+            }
+            Ok(())
+        }
+        Command::Export { run, out } => {
+            let (model, config) = load_run(&run, &device())?;
+            export(&model, &out)?;
+            println!(
+                "wrote {} ({} with {} classes, PyTorch names)",
+                out.display(),
+                describe(&config.model),
+                config.classes.len()
+            );
+            Ok(())
+        }
+        Command::Demo { out } => crate::demo::demo(&out),
         Command::Train(args) => train_command(*args),
         Command::Synth {
             kind,
@@ -371,6 +479,7 @@ struct TopClass {
 }
 
 fn predict(
+    run: Option<&Path>,
     arch: Option<Arch>,
     weights: &WeightsArgs,
     top_k: usize,
@@ -378,14 +487,24 @@ fn predict(
     images: &[PathBuf],
 ) -> anyhow::Result<()> {
     let device = device();
-    let loaded = weights.load(arch, None, &device)?;
-    let config = loaded.spec.pretrained_config();
-    let size = config.preprocess.input_size;
+    let (model, preprocess, class_names) = match run {
+        Some(run) => {
+            let (model, config) = load_run(run, &device)?;
+            (model, config.preprocess, Some(config.classes))
+        }
+        None => {
+            let loaded = weights.load(arch, None, &device)?;
+            let config = loaded.spec.pretrained_config();
+            (loaded.model, config.preprocess, config.class_names)
+        }
+    };
+    let size = preprocess.input_size;
     let mut predictions = Vec::new();
-    for path in images {
-        let pixels = config.preprocess.load(path)?;
+    for path in expand_images(images)? {
+        let path = &path;
+        let pixels = preprocess.load(path)?;
         let x = Tensor::<4>::from_data(TensorData::new(pixels, [1, 3, size, size]), &device);
-        let probs = to_vec(softmax(loaded.model.forward(x), 1))?;
+        let probs = to_vec(softmax(model.forward(x), 1))?;
         let mut order: Vec<usize> = (0..probs.len()).collect();
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
         let top = order
@@ -393,8 +512,7 @@ fn predict(
             .take(top_k)
             .map(|index| TopClass {
                 index,
-                label: config
-                    .class_names
+                label: class_names
                     .as_ref()
                     .map_or_else(|| format!("class {index}"), |n| n[index].clone()),
                 prob: probs[index],

@@ -39,7 +39,8 @@ pub struct Split {
     pub leaked: Vec<String>,
 }
 
-fn is_image(path: &Path) -> bool {
+/// An image file by extension, not hidden.
+pub fn is_image(path: &Path) -> bool {
     let hidden = path
         .file_name()
         .and_then(|n| n.to_str())

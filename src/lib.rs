@@ -5,17 +5,23 @@
 //! checkpoint into a network and reports what it did, [`modules`] is the `named_modules()`
 //! view, [`preprocess`] decodes and transforms images, [`output`] writes files atomically,
 //! [`data`] reads image folders and augments, [`freeze`] resolves and audits freezing,
-//! [`train`] runs training, [`synth`] draws procedural datasets, and [`cli`] is the command
-//! line on top.
+//! [`train`] runs training, [`compare`] trains several regimes and [`report`] draws them,
+//! [`evaluate`] scores a run, [`export`] writes PyTorch files, [`synth`] draws procedural
+//! datasets, [`demo`] ties it all together, and [`cli`] is the command line on top.
 
 pub mod checkpoint;
 pub mod cli;
+pub mod compare;
 pub mod data;
+pub mod demo;
+pub mod evaluate;
+pub mod export;
 pub mod freeze;
 pub mod load;
 pub mod models;
 pub mod modules;
 pub mod output;
 pub mod preprocess;
+pub mod report;
 pub mod synth;
 pub mod train;

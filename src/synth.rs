@@ -89,9 +89,10 @@ pub fn draw(class: &str, size: u32, rng: &mut impl Rng) -> RgbImage {
     );
     let scale = rng.random_range(0.22..0.38) * s;
     let angle = rng.random_range(0.0..PI);
-    let freq = rng.random_range(2.0..4.0);
+    // Textures coarse enough to survive a 64-pixel input and its random crops.
+    let freq = rng.random_range(1.2..2.2);
     let (sin, cos) = angle.sin_cos();
-    let noise = rng.random_range(5.0..25.0);
+    let noise = rng.random_range(5.0..20.0);
     let mut img = RgbImage::new(size, size);
     for (x, y, px) in img.enumerate_pixels_mut() {
         let (dx, dy) = ((x as f32 - cx) / scale, (y as f32 - cy) / scale);

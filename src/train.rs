@@ -55,11 +55,14 @@ pub struct TrainOptions {
     /// Train from random init (no weights).
     #[arg(long)]
     pub scratch: bool,
+    /// Network width for --scratch: mobilenet_v2's multiplier, or a ResNet's base width / 64.
+    #[arg(long)]
+    pub width: Option<f64>,
     /// Dotted key of a nested state dict in the checkpoint.
     #[arg(long)]
     pub key: Option<String>,
     /// Image folder: one sub-folder per class, or `train/` and `val/` with those.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long)]
     pub data: Option<PathBuf>,
     /// What to freeze: `none`, `backbone`, module prefixes `a,b`, or a range `features.0-13`.
     #[arg(long, default_value = "none")]
@@ -399,7 +402,12 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
         );
         state.history.push(metrics);
         state.epochs_done = epoch + 1;
-        if val_top1 > state.best_top1 {
+        // Best = highest val top-1; ties go to the lower val loss (small val sets tie often).
+        let best_loss = state
+            .history
+            .get(state.best_epoch.wrapping_sub(1))
+            .map_or(f64::INFINITY, |m| m.val_loss);
+        if val_top1 > state.best_top1 || (val_top1 == state.best_top1 && val_loss < best_loss) {
             state.best_top1 = val_top1;
             state.best_epoch = epoch + 1;
             write_weights(&out.join("best.safetensors"), &model)?;
@@ -470,7 +478,10 @@ fn build_model(
             bail!("pass --weights FILE, or --scratch to train from random init");
         }
         let arch = options.arch.context("--scratch needs --arch")?;
-        let spec = ModelSpec::new(arch, num_classes);
+        let mut spec = ModelSpec::new(arch, num_classes);
+        if let Some(width) = options.width {
+            spec = spec.with_width(width);
+        }
         return Ok((spec.build(device), spec, None));
     }
     let path = options.weights.as_deref().expect("checked above");

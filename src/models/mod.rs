@@ -139,6 +139,25 @@ impl ModelSpec {
         }
     }
 
+    /// The width as `--width` takes it: mobilenet_v2's multiplier, a ResNet's base width / 64.
+    pub fn width(&self) -> Option<f64> {
+        match &self.family {
+            Family::MobileNetV2 { width } => Some(*width),
+            Family::ResNet(r) => Some(r.width as f64 / 64.0),
+            Family::EfficientNetLite0 => None,
+        }
+    }
+
+    /// The same network at another width (no effect on EfficientNet-Lite0).
+    pub fn with_width(mut self, width: f64) -> Self {
+        match &mut self.family {
+            Family::MobileNetV2 { width: w } => *w = width,
+            Family::ResNet(r) => r.width = ((64.0 * width).round() as usize).max(1),
+            Family::EfficientNetLite0 => {}
+        }
+        self
+    }
+
     pub fn head_tensors(&self) -> [&'static str; 2] {
         match self.family {
             Family::MobileNetV2 { .. } => ["classifier.1.weight", "classifier.1.bias"],

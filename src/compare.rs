@@ -1,0 +1,319 @@
+//! `retrain compare`: train several freezing regimes on the same split, seed and budget,
+//! draw their curves in one figure and summarise what transfer learning bought.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::models::Arch;
+use crate::output::{write_atomic, write_json};
+use crate::report::{Curves, plot_curves, regime_color};
+use crate::train::{EpochMetrics, RunSummary, TrainOptions, peak_memory_mib, read_json, train};
+
+/// One regime of a comparison.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Regime {
+    /// `head`, `partial`, `full` or `scratch`.
+    pub name: String,
+    /// Freeze spec it trains with.
+    pub freeze: String,
+    pub scratch: bool,
+}
+
+/// The lower part of each architecture that `partial` freezes by default.
+pub fn default_partial(arch: Arch) -> &'static str {
+    match arch {
+        Arch::MobileNetV2 => "features.0-13",
+        Arch::ResNet18 | Arch::ResNet34 | Arch::ResNet50 => "conv1,bn1,layer1,layer2",
+        Arch::EfficientNetLite0 => "_conv_stem,_bn0,_blocks.0-7",
+    }
+}
+
+/// Parse `--regimes head,partial,full,scratch` (`partial:SPEC` sets the partial spec).
+pub fn parse_regimes(list: &str, arch: Arch) -> anyhow::Result<Vec<Regime>> {
+    let mut out = Vec::new();
+    // A `partial:SPEC` may itself contain commas (`partial:conv1,bn1`); items that are not a
+    // regime name continue the spec before them.
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let regime = match item {
+            "head" => Regime {
+                name: "head".into(),
+                freeze: "backbone".into(),
+                scratch: false,
+            },
+            "full" => Regime {
+                name: "full".into(),
+                freeze: "none".into(),
+                scratch: false,
+            },
+            "scratch" => Regime {
+                name: "scratch".into(),
+                freeze: "none".into(),
+                scratch: true,
+            },
+            "partial" => Regime {
+                name: "partial".into(),
+                freeze: default_partial(arch).into(),
+                scratch: false,
+            },
+            other if other.starts_with("partial:") => Regime {
+                name: "partial".into(),
+                freeze: other["partial:".len()..].to_string(),
+                scratch: false,
+            },
+            other => match out.last_mut() {
+                Some(Regime { name, freeze, .. })
+                    if name == "partial" && freeze != default_partial(arch) =>
+                {
+                    freeze.push(',');
+                    freeze.push_str(other);
+                    continue;
+                }
+                _ => bail!(
+                    "--regimes: unknown regime '{other}' (head, partial[:SPEC], full, scratch)"
+                ),
+            },
+        };
+        if out.iter().any(|r: &Regime| r.name == regime.name) {
+            bail!("--regimes: '{}' given twice", regime.name);
+        }
+        out.push(regime);
+    }
+    if out.is_empty() {
+        bail!("--regimes is empty");
+    }
+    Ok(out)
+}
+
+/// One row of the summary table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegimeResult {
+    pub regime: String,
+    pub freeze: String,
+    pub best_top1: f64,
+    pub best_epoch: usize,
+    /// First epoch at which validation top-1 reached 95% of the best regime's best.
+    pub epochs_to_95: Option<usize>,
+    pub trainable_params: usize,
+    pub wall_seconds: f64,
+    pub train_images_per_second: f64,
+    pub peak_memory_mib: f64,
+    pub freeze_audit_passed: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ComparisonSummary {
+    pub architecture: String,
+    pub dataset: String,
+    pub epochs: usize,
+    pub regimes: Vec<RegimeResult>,
+    pub conclusion: String,
+}
+
+/// Reset this process's peak-RSS counter so each regime reports its own peak (Linux).
+fn reset_peak_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Train every regime into `out/REGIME/`, skipping those already finished, then write
+/// `curves.png`, `curves.svg`, `summary.md` and `summary.json` in `out`.
+pub fn compare(
+    base: &TrainOptions,
+    regimes: &[Regime],
+    out: &Path,
+) -> anyhow::Result<ComparisonSummary> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let data = base.data.as_deref().context("--data DIR is required")?;
+    // One split for every regime.
+    let split_path = out.join("split.json");
+    if !split_path.exists() {
+        let split = crate::data::Split::make(data, base.val_fraction, base.seed)?;
+        write_json(&split_path, &split)?;
+    }
+    let mut runs: Vec<(Regime, RunSummary, Vec<EpochMetrics>)> = Vec::new();
+    let mut arch = base.arch;
+    for regime in regimes {
+        let dir = out.join(&regime.name);
+        let done = dir.join("summary.json");
+        let summary = match read_json::<RunSummary>(&done) {
+            Ok(s) if s.epochs == base.epochs && s.freeze == regime.freeze => {
+                println!("== {}: already trained, skipping", regime.name);
+                s
+            }
+            _ => {
+                println!(
+                    "== {} (freeze {}{})",
+                    regime.name,
+                    regime.freeze,
+                    if regime.scratch { ", from scratch" } else { "" }
+                );
+                std::fs::create_dir_all(&dir)?;
+                std::fs::copy(&split_path, dir.join("split.json"))?;
+                let mut options = base.clone();
+                options.freeze = regime.freeze.clone();
+                options.scratch = regime.scratch;
+                if regime.scratch {
+                    options.weights = None;
+                    // Scratch builds the same network the checkpoint holds.
+                    options.arch = arch;
+                    if options.width.is_none() {
+                        options.width = read_json::<crate::train::RunConfig>(
+                            &out.join(&regimes[0].name).join("config.json"),
+                        )
+                        .ok()
+                        .and_then(|c| c.model.width());
+                    }
+                }
+                reset_peak_memory();
+                let mut s = train(&options, &dir)?;
+                s.peak_memory_mib = peak_memory_mib();
+                write_json(&done, &s)?;
+                s
+            }
+        };
+        let config: crate::train::RunConfig = read_json(&dir.join("config.json"))?;
+        arch.get_or_insert(config.model.arch);
+        let history = read_history(&dir)?;
+        runs.push((regime.clone(), summary, history));
+    }
+
+    let arch_name = runs
+        .first()
+        .map(|(_, s, _)| s.architecture.clone())
+        .unwrap_or_default();
+    let dataset = data
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| data.display().to_string());
+    let best_overall = runs.iter().map(|(_, s, _)| s.best_top1).fold(0.0, f64::max);
+    let regimes_out: Vec<RegimeResult> = runs
+        .iter()
+        .map(|(r, s, h)| RegimeResult {
+            regime: r.name.clone(),
+            freeze: r.freeze.clone(),
+            best_top1: s.best_top1,
+            best_epoch: s.best_epoch,
+            epochs_to_95: h
+                .iter()
+                .find(|m| m.val_top1 >= 0.95 * best_overall)
+                .map(|m| m.epoch),
+            trainable_params: s.trainable_params,
+            wall_seconds: s.wall_seconds,
+            train_images_per_second: s.train_images_per_second,
+            peak_memory_mib: s.peak_memory_mib,
+            freeze_audit_passed: s.freeze_audit_passed,
+        })
+        .collect();
+    let summary = ComparisonSummary {
+        conclusion: conclusion(&regimes_out, base.epochs),
+        architecture: arch_name.clone(),
+        dataset: dataset.clone(),
+        epochs: base.epochs,
+        regimes: regimes_out,
+    };
+
+    let curves: Vec<Curves> = runs
+        .iter()
+        .map(|(r, _, h)| Curves {
+            label: &r.name,
+            color: regime_color(&r.name),
+            history: h,
+        })
+        .collect();
+    let title = format!("{arch_name} on {dataset}: frozen features vs fine-tuning vs scratch");
+    plot_curves(
+        &curves,
+        &title,
+        &out.join("curves.png"),
+        &out.join("curves.svg"),
+    )?;
+    write_json(&out.join("summary.json"), &summary)?;
+    write_atomic(
+        &out.join("summary.md"),
+        summary_markdown(&summary).as_bytes(),
+    )?;
+    Ok(summary)
+}
+
+fn read_history(run: &Path) -> anyhow::Result<Vec<EpochMetrics>> {
+    let path = run.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    text.lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("{}: bad line", path.display())))
+        .collect()
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
+}
+
+/// One sentence that says what the numbers support, and no more.
+pub fn conclusion(results: &[RegimeResult], epochs: usize) -> String {
+    let Some(best) = results
+        .iter()
+        .max_by(|a, b| a.best_top1.total_cmp(&b.best_top1))
+    else {
+        return String::new();
+    };
+    let scratch = results.iter().find(|r| r.regime == "scratch");
+    let pretrained = results
+        .iter()
+        .filter(|r| r.regime != "scratch")
+        .max_by(|a, b| a.best_top1.total_cmp(&b.best_top1));
+    match (pretrained, scratch) {
+        (Some(p), Some(s)) if p.best_top1 - s.best_top1 >= 0.05 => format!(
+            "With {epochs} epochs, starting from the pretrained weights beat training from scratch: {} reached {} validation top-1 against {} from scratch.",
+            p.regime,
+            pct(p.best_top1),
+            pct(s.best_top1)
+        ),
+        (Some(p), Some(s)) if s.best_top1 - p.best_top1 >= 0.05 => format!(
+            "With {epochs} epochs, training from scratch did better than any pretrained regime ({} against {} for {}): the pretrained features did not transfer to this data.",
+            pct(s.best_top1),
+            pct(p.best_top1),
+            p.regime
+        ),
+        (Some(p), Some(s)) => format!(
+            "With {epochs} epochs, the pretrained regimes and training from scratch ended within 5 points ({} for {} against {} from scratch), so this run does not show a clear benefit of transfer.",
+            pct(p.best_top1),
+            p.regime,
+            pct(s.best_top1)
+        ),
+        _ => format!(
+            "With {epochs} epochs, {} did best with {} validation top-1.",
+            best.regime,
+            pct(best.best_top1)
+        ),
+    }
+}
+
+pub fn summary_markdown(s: &ComparisonSummary) -> String {
+    let mut md = format!(
+        "# {} on {}: {} epochs per regime\n\n| regime | freeze | best val top-1 | at epoch | epochs to 95% of best | trainable params | wall time | train img/s | peak memory | freeze audit |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        s.architecture, s.dataset, s.epochs
+    );
+    for r in &s.regimes {
+        md.push_str(&format!(
+            "| {} | `{}` | {} | {} | {} | {} | {:.1} s | {:.1} | {:.0} MiB | {} |\n",
+            r.regime,
+            r.freeze,
+            pct(r.best_top1),
+            r.best_epoch,
+            r.epochs_to_95
+                .map_or("not reached".to_string(), |e| e.to_string()),
+            crate::modules::group(r.trainable_params),
+            r.wall_seconds,
+            r.train_images_per_second,
+            r.peak_memory_mib,
+            if r.freeze_audit_passed {
+                "passed"
+            } else {
+                "FAILED"
+            }
+        ));
+    }
+    md.push_str(&format!("\n{}\n\n![curves](curves.png)\n", s.conclusion));
+    md
+}

@@ -1,0 +1,295 @@
+//! Using a trained run: load it, evaluate it (metrics, confusion matrix, hardest images),
+//! and classify new images with its classes and preprocessing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use burn::prelude::*;
+use serde::Serialize;
+
+use crate::checkpoint;
+use crate::data::{self, Entry, ImageSet, Split, Transform};
+use crate::load::apply_state_dict;
+use crate::models::Model;
+use crate::train::{RunConfig, read_json};
+
+/// A run's network with its best weights (or the last ones if no best was saved).
+pub fn load_run(run: &Path, device: &Device) -> anyhow::Result<(Model, RunConfig)> {
+    let config: RunConfig = read_json(&run.join("config.json"))
+        .with_context(|| format!("{}: not a run folder", run.display()))?;
+    let weights = [
+        run.join("best.safetensors"),
+        run.join("last/model.safetensors"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .with_context(|| {
+        format!(
+            "{}: no weights (best.safetensors) in the run",
+            run.display()
+        )
+    })?;
+    let sd = checkpoint::read(&weights, None)?;
+    let mut model = config.model.build(device);
+    apply_state_dict(&mut model, &config.model, &sd, false)?;
+    Ok((model, config))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassMetrics {
+    pub class: String,
+    pub precision: f64,
+    pub recall: f64,
+    pub support: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Confusion {
+    pub true_class: String,
+    pub predicted: String,
+    pub count: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HardImage {
+    pub image: String,
+    pub true_class: String,
+    pub predicted: String,
+    pub loss: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub num_images: usize,
+    pub top1: f64,
+    pub top5: f64,
+    pub loss: f64,
+    pub per_class: Vec<ClassMetrics>,
+    /// Rows: true class; columns: predicted class.
+    pub confusion: Vec<Vec<usize>>,
+    pub most_confused: Vec<Confusion>,
+    pub highest_loss: Vec<HardImage>,
+    pub skipped_images: Vec<String>,
+}
+
+/// The images to evaluate: `data`'s class folders (all of them), or the run's validation split.
+fn eval_entries(
+    config: &RunConfig,
+    run: &Path,
+    data: Option<&Path>,
+) -> anyhow::Result<(PathBuf, Vec<Entry>)> {
+    match data {
+        Some(dir) => {
+            let split = Split::make(dir, 0.0, 0)?;
+            let mut entries = Vec::new();
+            for e in split.train {
+                let name = &split.classes[e.label];
+                let label = config
+                    .classes
+                    .iter()
+                    .position(|c| c == name)
+                    .with_context(|| {
+                        format!(
+                            "{}: class '{name}' is not one of the run's classes ({})",
+                            dir.display(),
+                            config.classes.join(", ")
+                        )
+                    })?;
+                entries.push(Entry { label, ..e });
+            }
+            Ok((dir.to_path_buf(), entries))
+        }
+        None => {
+            let split: Split = read_json(&run.join("split.json"))?;
+            let dir = config
+                .options
+                .data
+                .clone()
+                .context("the run does not record its data folder; pass --data")?;
+            if split.val.is_empty() {
+                bail!(
+                    "{}: the run has no validation images; pass --data",
+                    run.display()
+                );
+            }
+            Ok((dir, split.val))
+        }
+    }
+}
+
+pub fn evaluate_run(
+    run: &Path,
+    data: Option<&Path>,
+    batch_size: usize,
+) -> anyhow::Result<EvalReport> {
+    let device = crate::cli::device();
+    let (model, config) = load_run(run, &device)?;
+    let (root, entries) = eval_entries(&config, run, data)?;
+    let pre = config.preprocess.clone();
+    let set = Arc::new(ImageSet::load(
+        &root,
+        &entries,
+        pre.resize_size.max(pre.input_size),
+    ));
+    let k = config.classes.len();
+    let mut confusion = vec![vec![0usize; k]; k];
+    let (mut loss_sum, mut top1, mut top5) = (0.0, 0, 0);
+    let mut hard = Vec::new();
+    let order: Vec<usize> = (0..set.len()).collect();
+    let size = pre.input_size;
+    for batch in data::batches(set.clone(), pre.clone(), order, batch_size, Transform::Eval) {
+        let n = batch.labels.len();
+        let x = Tensor::<4>::from_data(TensorData::new(batch.pixels, [n, 3, size, size]), &device);
+        let logits = crate::cli::to_vec(model.forward(x))?;
+        for ((row, &label), &i) in logits.chunks(k).zip(&batch.labels).zip(&batch.indices) {
+            let (loss, t1, t5) = crate::train::score(row, &[label], k);
+            let pred = (0..k)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap_or(0);
+            confusion[label][pred] += 1;
+            loss_sum += loss;
+            top1 += t1;
+            top5 += t5;
+            hard.push(HardImage {
+                image: set.paths[i].clone(),
+                true_class: config.classes[label].clone(),
+                predicted: config.classes[pred].clone(),
+                loss,
+            });
+        }
+    }
+    let n = set.len().max(1) as f64;
+    let per_class = (0..k)
+        .map(|c| {
+            let tp = confusion[c][c] as f64;
+            let predicted: usize = confusion.iter().map(|row| row[c]).sum();
+            let support: usize = confusion[c].iter().sum();
+            ClassMetrics {
+                class: config.classes[c].clone(),
+                precision: if predicted > 0 {
+                    tp / predicted as f64
+                } else {
+                    0.0
+                },
+                recall: if support > 0 {
+                    tp / support as f64
+                } else {
+                    0.0
+                },
+                support,
+            }
+        })
+        .collect();
+    let mut most_confused: Vec<Confusion> = (0..k)
+        .flat_map(|t| (0..k).map(move |p| (t, p)))
+        .filter(|&(t, p)| t != p && confusion[t][p] > 0)
+        .map(|(t, p)| Confusion {
+            true_class: config.classes[t].clone(),
+            predicted: config.classes[p].clone(),
+            count: confusion[t][p],
+        })
+        .collect();
+    most_confused.sort_by_key(|c| std::cmp::Reverse(c.count));
+    most_confused.truncate(10);
+    hard.sort_by(|a, b| b.loss.total_cmp(&a.loss));
+    hard.truncate(10);
+    Ok(EvalReport {
+        num_images: set.len(),
+        top1: top1 as f64 / n,
+        top5: top5 as f64 / n,
+        loss: loss_sum / n,
+        per_class,
+        confusion,
+        most_confused,
+        highest_loss: hard,
+        skipped_images: set.skipped.clone(),
+    })
+}
+
+/// The report as text, confusion matrix included.
+pub fn render(report: &EvalReport, classes: &[String]) -> String {
+    let mut out = format!(
+        "{} images: top-1 {:.2}%, top-5 {:.2}%, loss {:.4}\n\nper class:\n",
+        report.num_images,
+        report.top1 * 100.0,
+        report.top5 * 100.0,
+        report.loss
+    );
+    let width = classes.iter().map(String::len).max().unwrap_or(5).max(5);
+    for m in &report.per_class {
+        out.push_str(&format!(
+            "  {:<width$}  precision {:>6.2}%  recall {:>6.2}%  ({} images)\n",
+            m.class,
+            m.precision * 100.0,
+            m.recall * 100.0,
+            m.support
+        ));
+    }
+    out.push_str("\nconfusion matrix (rows: true, columns: predicted):\n");
+    out.push_str(&format!("  {:<width$}", ""));
+    for i in 0..classes.len() {
+        out.push_str(&format!(" {i:>5}"));
+    }
+    out.push('\n');
+    for (i, row) in report.confusion.iter().enumerate() {
+        out.push_str(&format!("  {:<width$}", format!("{i} {}", classes[i])));
+        for c in row {
+            out.push_str(&format!(" {c:>5}"));
+        }
+        out.push('\n');
+    }
+    if !report.most_confused.is_empty() {
+        out.push_str("\nmost confused:\n");
+        for c in report.most_confused.iter().take(5) {
+            out.push_str(&format!(
+                "  {} -> {}: {}\n",
+                c.true_class, c.predicted, c.count
+            ));
+        }
+    }
+    out.push_str("\nhighest loss:\n");
+    for h in report.highest_loss.iter().take(5) {
+        out.push_str(&format!(
+            "  {:.3}  {} (true {}, predicted {})\n",
+            h.loss, h.image, h.true_class, h.predicted
+        ));
+    }
+    out
+}
+
+/// Image files named on the command line, folders walked (sorted).
+pub fn expand_images(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found = Vec::new();
+            walk(p, &mut found)?;
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in
+        std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?
+    {
+        let path = entry?.path();
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if path.is_dir() {
+            walk(&path, out)?;
+        } else if data::is_image(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}

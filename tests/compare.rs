@@ -1,0 +1,285 @@
+//! `compare`, `eval`, `export` and `predict --run` on a generated dataset.
+
+mod common;
+use std::path::Path;
+
+use common::*;
+use retrain::checkpoint;
+
+fn toy(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("toy");
+    retrain_ok([
+        "synth".as_ref(),
+        "--kind".as_ref(),
+        "toy".as_ref(),
+        "--out".as_ref(),
+        data.as_os_str(),
+        "--per-class".as_ref(),
+        "16".as_ref(),
+        "--size".as_ref(),
+        "32".as_ref(),
+    ]);
+    data
+}
+
+fn compare_args<'a>(data: &'a Path, out: &'a Path, weights: &'a Path) -> Vec<&'a std::ffi::OsStr> {
+    vec![
+        "compare".as_ref(),
+        "--weights".as_ref(),
+        weights.as_os_str(),
+        "--data".as_ref(),
+        data.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--epochs".as_ref(),
+        "2".as_ref(),
+        "--image-size".as_ref(),
+        "32".as_ref(),
+        "--batch-size".as_ref(),
+        "16".as_ref(),
+    ]
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+#[test]
+fn compare_trains_every_regime_draws_the_figure_and_resumes() {
+    let dir = tempdir();
+    let data = toy(dir.path());
+    let out = dir.path().join("cmp");
+    let weights = fixture("resnet18_w16.pth");
+    let stdout = retrain_ok(compare_args(&data, &out, &weights));
+    assert!(stdout.contains("| regime |"), "{stdout}");
+
+    let summary = json(&out.join("summary.json"));
+    let regimes: Vec<&str> = summary["regimes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["regime"].as_str().unwrap())
+        .collect();
+    assert_eq!(regimes, ["head", "partial", "full", "scratch"]);
+    for r in summary["regimes"].as_array().unwrap() {
+        assert_eq!(r["freeze_audit_passed"], true);
+        assert!(r["peak_memory_mib"].as_f64().unwrap() > 0.0);
+        assert!(r["best_top1"].as_f64().unwrap() <= 1.0);
+        let name = r["regime"].as_str().unwrap();
+        assert_eq!(
+            json(
+                &out.join(name)
+                    .join("metrics.jsonl")
+                    .with_file_name("summary.json")
+            )["epochs"],
+            2
+        );
+        // Every regime trained on the same split.
+        assert_eq!(
+            json(&out.join(name).join("split.json")),
+            json(&out.join("split.json")),
+            "{name}"
+        );
+    }
+    let head = &summary["regimes"][0];
+    let full = &summary["regimes"][2];
+    assert!(head["trainable_params"].as_u64() < full["trainable_params"].as_u64());
+    assert_eq!(summary["regimes"][1]["freeze"], "conv1,bn1,layer1,layer2");
+    assert!(
+        json(&out.join("scratch/config.json"))["options"]["scratch"]
+            .as_bool()
+            .unwrap()
+    );
+    assert!(!summary["conclusion"].as_str().unwrap().is_empty());
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(md.contains("| head |") && md.contains("| scratch |") && md.contains("curves.png"));
+
+    let png = image::open(out.join("curves.png")).expect("curves.png is an image");
+    assert_eq!((png.width(), png.height()), (1200, 520));
+    let svg = std::fs::read_to_string(out.join("curves.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("scratch (val)") && svg.contains("head (train)"));
+    assert!(
+        svg.contains("stroke-dasharray")
+            || svg.matches("<line").count() + svg.matches("<polyline").count() > 8
+    );
+
+    // Run again: finished regimes are not retrained.
+    let before = std::fs::metadata(out.join("full/best.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let stdout = retrain_ok(compare_args(&data, &out, &weights));
+    assert_eq!(
+        stdout.matches("already trained, skipping").count(),
+        4,
+        "{stdout}"
+    );
+    assert_eq!(
+        before,
+        std::fs::metadata(out.join("full/best.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    );
+
+    // An interrupted comparison (a regime without its summary) trains only that one.
+    std::fs::remove_file(out.join("scratch/summary.json")).unwrap();
+    let stdout = retrain_ok(compare_args(&data, &out, &weights));
+    assert_eq!(
+        stdout.matches("already trained, skipping").count(),
+        3,
+        "{stdout}"
+    );
+}
+
+#[test]
+fn regimes_can_be_chosen_with_a_custom_partial_spec() {
+    let dir = tempdir();
+    let data = toy(dir.path());
+    let out = dir.path().join("cmp");
+    let weights = fixture("mbv2_w025.pth");
+    let mut args = compare_args(&data, &out, &weights);
+    for a in ["--regimes", "head,partial:features.0-5"] {
+        args.push(a.as_ref());
+    }
+    retrain_ok(args);
+    let summary = json(&out.join("summary.json"));
+    assert_eq!(summary["regimes"].as_array().unwrap().len(), 2);
+    assert_eq!(summary["regimes"][1]["freeze"], "features.0-5");
+
+    let stderr = retrain_err([
+        "compare",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--regimes",
+        "head,bogus",
+    ]);
+    assert!(stderr.contains("unknown regime 'bogus'"), "{stderr}");
+}
+
+/// Train once, then evaluate, predict and export the run.
+#[test]
+fn eval_predict_and_export_use_the_run() {
+    let dir = tempdir();
+    let data = toy(dir.path());
+    let run = dir.path().join("run");
+    retrain_ok([
+        "train",
+        "--weights",
+        fixture("resnet18_w16.pth").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "6",
+        "--lr",
+        "2e-3",
+        "--crop-scale",
+        "0.5",
+    ]);
+
+    // eval on the run's validation split, and on a folder.
+    let text = retrain_ok(["eval", "--run", run.to_str().unwrap()]);
+    assert!(
+        text.contains("confusion matrix") && text.contains("precision"),
+        "{text}"
+    );
+    assert!(run.join("confusion.png").exists());
+    let report: serde_json::Value = serde_json::from_str(&retrain_ok([
+        "eval",
+        "--run",
+        run.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(report["num_images"], 48);
+    let confusion = report["confusion"].as_array().unwrap();
+    let total: u64 = confusion
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 48);
+    let diagonal: u64 = (0..3).map(|i| confusion[i][i].as_u64().unwrap()).sum();
+    assert!((report["top1"].as_f64().unwrap() - diagonal as f64 / 48.0).abs() < 1e-9);
+    assert_eq!(report["per_class"].as_array().unwrap().len(), 3);
+    assert!(report["highest_loss"].as_array().unwrap().len() <= 10);
+
+    // predict on a folder with the run's class names.
+    let preds: serde_json::Value = serde_json::from_str(&retrain_ok([
+        "predict",
+        "--run",
+        run.to_str().unwrap(),
+        "--json",
+        "--top-k",
+        "2",
+        data.join("red_disk").to_str().unwrap(),
+    ]))
+    .unwrap();
+    let preds = preds.as_array().unwrap();
+    assert_eq!(preds.len(), 16);
+    let right = preds
+        .iter()
+        .filter(|p| p["top"][0]["label"] == "red_disk")
+        .count();
+    assert!(right >= 12, "{right} of 16 red disks recognised");
+
+    // export: .pth (zip) and .safetensors, read back through our own loader.
+    let pth = dir.path().join("model.pth");
+    retrain_ok([
+        "export",
+        "--run",
+        run.to_str().unwrap(),
+        "--out",
+        pth.to_str().unwrap(),
+    ]);
+    let st = dir.path().join("model.safetensors");
+    retrain_ok([
+        "export",
+        "--run",
+        run.to_str().unwrap(),
+        "--out",
+        st.to_str().unwrap(),
+    ]);
+    let a = checkpoint::read(&pth, None).unwrap();
+    let b = checkpoint::read(&st, None).unwrap();
+    assert_eq!(a.format, checkpoint::Format::Zip);
+    assert_eq!(a.len(), b.len());
+    for (name, t) in a.iter() {
+        let u = b.get(name).unwrap();
+        assert_eq!(
+            (t.dtype, &t.shape, &t.data),
+            (u.dtype, &u.shape, &u.data),
+            "{name}"
+        );
+    }
+    assert_eq!(a.get("fc.weight").unwrap().shape, vec![3, 128]);
+    assert_eq!(
+        a.get("layer1.0.bn1.num_batches_tracked").unwrap().dtype,
+        "int64"
+    );
+    // The exported .pth is a checkpoint like any other: it loads and predicts.
+    retrain_ok(["inspect", pth.to_str().unwrap()]);
+    let stderr = retrain_err([
+        "export",
+        "--run",
+        run.to_str().unwrap(),
+        "--out",
+        dir.path().join("m.onnx").to_str().unwrap(),
+    ]);
+    assert!(stderr.contains(".pth or .safetensors"), "{stderr}");
+}
