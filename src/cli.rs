@@ -48,6 +48,9 @@ enum Command {
         arch: Option<Arch>,
         #[arg(long)]
         num_classes: Option<usize>,
+        /// Show what this `--freeze` spec would freeze (as `train` takes it).
+        #[arg(long)]
+        freeze: Option<String>,
         #[command(flatten)]
         weights: WeightsArgs,
         #[arg(long)]
@@ -106,6 +109,24 @@ enum Command {
         run: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Measure one workload's speed and peak memory (see tools/bench.py for the comparison
+    /// with PyTorch).
+    Bench {
+        #[arg(long, value_enum, default_value_t = Arch::MobileNetV2)]
+        arch: Arch,
+        #[arg(long, value_enum)]
+        workload: crate::bench::Workload,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 224)]
+        image_size: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long)]
+        json: bool,
     },
     /// Transfer learning end to end on built-in data: pretrain, then compare regimes.
     Demo {
@@ -222,9 +243,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Modules {
             arch,
             num_classes,
+            freeze,
             weights,
             json,
-        } => modules(arch, num_classes, &weights, json),
+        } => modules(arch, num_classes, freeze.as_deref(), &weights, json),
         Command::Forward {
             arch,
             weights,
@@ -300,6 +322,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { out } => crate::demo::demo(&out),
+        Command::Bench {
+            arch,
+            workload,
+            batch_size,
+            image_size,
+            warmup,
+            steps,
+            json,
+        } => {
+            let r =
+                crate::bench::run(arch, workload, batch_size, image_size, warmup, steps.max(1))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                match (r.images_per_second, r.seconds) {
+                    (Some(ips), _) => println!(
+                        "{arch} {workload:?}: {ips:.1} img/s (median of {steps} steps), peak {:.0} MiB",
+                        r.peak_memory_mib
+                    ),
+                    (_, Some(s)) => println!(
+                        "{arch} {workload:?}: {s:.1} s, peak {:.0} MiB",
+                        r.peak_memory_mib
+                    ),
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
         Command::Train(args) => train_command(*args),
         Command::Synth {
             kind,
@@ -404,6 +454,7 @@ fn inspect(file: &Path, key: Option<&str>, json: bool) -> anyhow::Result<()> {
 fn modules(
     arch: Option<Arch>,
     num_classes: Option<usize>,
+    freeze: Option<&str>,
     weights: &WeightsArgs,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -419,7 +470,11 @@ fn modules(
             (spec.build(&device), spec)
         }
     };
-    let list = named_modules(&model, &root_type(&spec), &|_| false);
+    let frozen = match freeze {
+        Some(spec_text) => crate::freeze::parse_spec(spec_text, &spec, &model)?,
+        None => crate::freeze::FreezeSet::none(),
+    };
+    let list = named_modules(&model, &root_type(&spec), &|name| frozen.contains(name));
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {

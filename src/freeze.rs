@@ -47,10 +47,6 @@ impl FreezeSet {
             .any(|p| name == p || name.starts_with(&format!("{p}.")))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.prefixes.is_empty()
-    }
-
     /// Does it freeze every tensor outside the head?
     pub fn is_whole_backbone(&self, spec: &ModelSpec, model: &Model) -> bool {
         let head = head_modules(spec);

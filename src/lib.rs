@@ -9,6 +9,7 @@
 //! [`evaluate`] scores a run, [`export`] writes PyTorch files, [`synth`] draws procedural
 //! datasets, [`demo`] ties it all together, and [`cli`] is the command line on top.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod compare;

@@ -300,7 +300,7 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
         state.frozen_checksums = freeze::checksums(&model, &final_set, options.frozen_bn);
     }
 
-    let mut optimizers = Optimizers::new(options, &model);
+    let mut optimizers = Optimizers::new(options);
     if last_dir.join("state.json").exists() {
         optimizers = optimizers.load(&last_dir)?;
     }
@@ -505,7 +505,7 @@ struct Optimizers {
 }
 
 impl Optimizers {
-    fn new(options: &TrainOptions, _model: &Model) -> Self {
+    fn new(options: &TrainOptions) -> Self {
         let make = || match options.optimizer {
             OptimizerKind::Sgd => SgdConfig::new()
                 .with_momentum(Some(

@@ -196,6 +196,36 @@ fn module_view_matches_torch_named_modules_resnet() {
 }
 
 #[test]
+fn modules_view_previews_a_freeze_spec() {
+    let list: serde_json::Value = serde_json::from_str(&retrain_ok([
+        "modules",
+        "--arch",
+        "mobilenet_v2",
+        "--freeze",
+        "features.0-13",
+        "--json",
+    ]))
+    .unwrap();
+    let param = |name: &str| -> serde_json::Value {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|m| m["params"].as_array().unwrap().clone())
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name}"))
+    };
+    assert_eq!(param("features.13.conv.1.0.weight")["trainable"], false);
+    assert_eq!(param("features.14.conv.1.0.weight")["trainable"], true);
+    assert_eq!(param("classifier.1.weight")["trainable"], true);
+    let text = retrain_ok(["modules", "--arch", "mobilenet_v2", "--freeze", "backbone"]);
+    assert!(
+        text.contains("trainable: 1,281,000"),
+        "only the head: {}",
+        text.lines().last().unwrap()
+    );
+}
+
+#[test]
 fn modules_text_view_shows_totals() {
     let text = retrain_ok(["modules", "--arch", "resnet18"]);
     assert!(text.contains("layer4.1.conv2  Conv2d"), "{text}");

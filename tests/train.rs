@@ -130,6 +130,14 @@ fn head_only_with_and_without_feature_cache_reach_the_same_accuracy() {
     assert!((a["best_top1"].as_f64().unwrap() - b["best_top1"].as_f64().unwrap()).abs() <= 0.15);
     assert_eq!(a["trainable_params"], 128 * 3 + 3);
     assert_eq!(a["freeze_audit_passed"], true);
+
+    // Augmented views in the cache train the head too.
+    let views = dir.path().join("views");
+    let mut view_args = args.to_vec();
+    view_args.extend(["--cache-views", "3"]);
+    train(&data, &views, "resnet18_w16.pth", &view_args);
+    let v = json(&views.join("summary.json"));
+    assert!(v["best_top1"].as_f64().unwrap() >= 0.85, "{v}");
 }
 
 /// Frozen tensors, BatchNorm statistics included, come out bit-identical to the checkpoint;
@@ -418,4 +426,63 @@ fn bad_freeze_spec_lists_the_valid_names() {
             "{stderr}"
         );
     }
+}
+
+/// Ctrl-C stops the run with exit code 130, keeping the last finished epoch, and the run
+/// resumes from there.
+#[test]
+fn ctrl_c_keeps_the_last_checkpoint_and_the_run_resumes() {
+    use std::io::BufRead;
+    let dir = tempdir();
+    let data = toy(dir.path(), 20);
+    let run = dir.path().join("run");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_retrain"))
+        .args([
+            "train",
+            "--weights",
+            fixture("mbv2_w025.pth").to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "200",
+            "--schedule",
+            "constant",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.starts_with("epoch   1/200"), "{first}");
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let state = json(&run.join("last/state.json"));
+    let done = state["epochs_done"].as_u64().unwrap();
+    assert!((1..200).contains(&done), "{state}");
+    assert!(!run.join("last.tmp").exists(), "no half-written checkpoint");
+
+    let out = retrain([
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--epochs",
+        &(done + 1).to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json(&run.join("summary.json"))["epochs"], done + 1);
 }

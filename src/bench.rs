@@ -1,0 +1,180 @@
+//! `retrain bench`: the speed of one workload, measured the way `tools/bench_torch.py`
+//! measures PyTorch's, so the two can be run side by side and compared as ratios.
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{GradientsParams, SgdConfig, momentum::MomentumConfig};
+use burn::prelude::*;
+use serde::Serialize;
+
+use crate::compare::default_partial;
+use crate::freeze::{self, FrozenBn};
+use crate::models::{Arch, Model, ModelSpec};
+use crate::train::peak_memory_mib;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Eval-mode forward.
+    Inference,
+    /// Train-mode forward, cross-entropy, backward, SGD momentum step; nothing frozen.
+    Full,
+    /// The same step with the lower part frozen (mobilenet_v2 `features.0-13`).
+    Partial,
+    /// Train the head for 10 epochs on 512 images: feature cache, then head-only steps.
+    Head,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub engine: &'static str,
+    pub arch: Arch,
+    pub workload: Workload,
+    pub batch_size: usize,
+    pub image_size: usize,
+    pub threads: usize,
+    /// Median images per second over the timed steps (inference, full, partial).
+    pub images_per_second: Option<f64>,
+    /// Seconds for the whole workload (head).
+    pub seconds: Option<f64>,
+    pub peak_memory_mib: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn random_batch(batch: usize, size: usize, device: &Device) -> Tensor<4> {
+    Tensor::random(
+        [batch, 3, size, size],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        device,
+    )
+}
+
+fn labels(batch: usize, classes: usize, device: &Device) -> Tensor<1, Int> {
+    let v: Vec<i64> = (0..batch).map(|i| (i % classes) as i64).collect();
+    Tensor::from_data(TensorData::new(v, [batch]), device)
+}
+
+/// Time `steps` calls of `step` after `warmup` untimed ones; returns per-call seconds.
+fn time_steps(warmup: usize, steps: usize, mut step: impl FnMut()) -> Vec<f64> {
+    for _ in 0..warmup {
+        step();
+    }
+    (0..steps)
+        .map(|_| {
+            let t = Instant::now();
+            step();
+            t.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+pub fn run(
+    arch: Arch,
+    workload: Workload,
+    batch: usize,
+    size: usize,
+    warmup: usize,
+    steps: usize,
+) -> anyhow::Result<BenchResult> {
+    let classes = 1000;
+    let spec = ModelSpec::new(arch, classes);
+    let plain = crate::cli::device();
+    let ad = plain.clone().autodiff();
+    plain.seed(0);
+    let (mut images_per_second, mut seconds) = (None, None);
+    match workload {
+        Workload::Inference => {
+            let model = spec.build(&plain).valid();
+            let x = random_batch(batch, size, &plain);
+            let times = time_steps(warmup, steps, || {
+                let _ = crate::cli::to_vec(model.forward(x.clone()));
+            });
+            images_per_second = Some(batch as f64 / median(times));
+        }
+        Workload::Full | Workload::Partial => {
+            let mut model = spec.build(&ad);
+            if workload == Workload::Partial {
+                let set = freeze::parse_spec(default_partial(arch), &spec, &model)?;
+                model = freeze::apply(model, &set, FrozenBn::Eval);
+            }
+            let mut optim = SgdConfig::new()
+                .with_momentum(Some(
+                    MomentumConfig::new().with_momentum(0.9).with_dampening(0.0),
+                ))
+                .init();
+            let ce = CrossEntropyLossConfig::new().init(&ad);
+            let x = random_batch(batch, size, &ad);
+            let y = labels(batch, classes, &ad);
+            let mut slot = Some(model);
+            let times = time_steps(warmup, steps, || {
+                let model = slot.take().expect("model");
+                let loss = ce.forward(model.forward(x.clone()), y.clone());
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                let model: Model = optim.step(0.01, model, grads);
+                // Wait for the step to finish before the clock stops.
+                let _ = crate::cli::to_vec(loss_sync(&model));
+                slot = Some(model);
+            });
+            images_per_second = Some(batch as f64 / median(times));
+        }
+        Workload::Head => {
+            let (images, epochs) = (512, 10);
+            let t = Instant::now();
+            let model = spec.build(&ad);
+            let set = freeze::parse_spec("backbone", &spec, &model)?;
+            let mut model = freeze::apply(model, &set, FrozenBn::Eval);
+            let eval = model.valid();
+            let mut features = Vec::new();
+            for _ in 0..images / batch {
+                features.extend(crate::cli::to_vec(
+                    eval.embed(random_batch(batch, size, &plain)),
+                )?);
+            }
+            let dim = features.len() / images;
+            let mut optim = SgdConfig::new()
+                .with_momentum(Some(
+                    MomentumConfig::new().with_momentum(0.9).with_dampening(0.0),
+                ))
+                .init();
+            let ce = CrossEntropyLossConfig::new().init(&ad);
+            for _ in 0..epochs {
+                for chunk in features.chunks(batch * dim) {
+                    let n = chunk.len() / dim;
+                    let x = Tensor::<2>::from_data(TensorData::new(chunk.to_vec(), [n, dim]), &ad);
+                    let loss = ce.forward(model.forward_head(x), labels(n, classes, &ad));
+                    let grads = GradientsParams::from_grads(loss.backward(), &model);
+                    model = optim.step(0.01, model, grads);
+                }
+            }
+            let _ = crate::cli::to_vec(loss_sync(&model));
+            seconds = Some(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(BenchResult {
+        engine: "retrain",
+        arch,
+        workload,
+        batch_size: batch,
+        image_size: size,
+        threads: rayon::current_num_threads(),
+        images_per_second,
+        seconds,
+        peak_memory_mib: peak_memory_mib(),
+    })
+}
+
+/// A small read of the head's weights, which waits for queued work on them.
+fn loss_sync(model: &Model) -> Tensor<1> {
+    let linear = match model {
+        Model::MobileNetV2(m) => m.head(),
+        Model::ResNet(m) => &m.fc,
+        Model::EfficientNetLite(m) => &m._fc,
+    };
+    linear.weight.val().inner().slice([0..1, 0..1]).reshape([1])
+}

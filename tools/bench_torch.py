@@ -1,0 +1,111 @@
+"""PyTorch side of `retrain bench`: the same workloads, measured the same way, printed as
+the same JSON. Dev-only (torch + torchvision venv). Threads are pinned to the count given
+(retrain's rayon pool uses the same number: RAYON_NUM_THREADS).
+
+    python tools/bench_torch.py --arch mobilenet_v2 --workload full --threads 2
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+PARTIAL = {"mobilenet_v2": "features.0-13", "resnet18": "conv1,bn1,layer1,layer2"}
+
+
+def frozen_prefixes(arch):
+    out = []
+    for item in PARTIAL[arch].split(","):
+        base, _, last = item.rpartition(".")
+        if "-" in last:
+            a, b = map(int, last.split("-"))
+            out += [f"{base}.{i}" for i in range(a, b + 1)]
+        else:
+            out.append(item)
+    return out
+
+
+def freeze(model, prefixes):
+    """Frozen like retrain freezes: no grad, and BatchNorm in eval mode (fixed statistics)."""
+    for name, m in model.named_modules():
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+
+
+def timed(warmup, steps, fn):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="mobilenet_v2")
+    ap.add_argument("--workload", choices=["inference", "full", "partial", "head"], required=True)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, a.arch)(num_classes=1000)
+    x = torch.randn(a.batch_size, 3, a.image_size, a.image_size)
+    y = torch.arange(a.batch_size) % 1000
+    ips = seconds = None
+    if a.workload == "inference":
+        model.eval()
+        with torch.no_grad():
+            t = timed(a.warmup, a.steps, lambda: model(x))
+        ips = a.batch_size / statistics.median(t)
+    elif a.workload in ("full", "partial"):
+        model.train()
+        if a.workload == "partial":
+            freeze(model, frozen_prefixes(a.arch))
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        t = timed(a.warmup, a.steps, step)
+        ips = a.batch_size / statistics.median(t)
+    else:
+        # The naive loop: backbone forward every step, parameters frozen with requires_grad=False.
+        head = "classifier" if a.arch == "mobilenet_v2" else "fc"
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(head))
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        start = time.perf_counter()
+        for _ in range(10):
+            for _ in range(512 // a.batch_size):
+                opt.zero_grad()
+                F.cross_entropy(model(torch.randn_like(x)), y).backward()
+                opt.step()
+        seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "engine": "pytorch", "arch": a.arch, "workload": a.workload, "batch_size": a.batch_size,
+        "image_size": a.image_size, "threads": a.threads, "images_per_second": ips,
+        "seconds": seconds, "peak_memory_mib": peak, "version": torch.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()
