@@ -233,7 +233,13 @@ pub fn to_vec<const D: usize>(t: Tensor<D>) -> anyhow::Result<Vec<f32>> {
         .map_err(|e| anyhow::anyhow!("reading a tensor back: {e:?}"))
 }
 
+/// The compute device: the GPU when built with `--features wgpu` (unless
+/// `RETRAIN_DEVICE=cpu`), else burn-flex on the CPU.
 pub fn device() -> Device {
+    #[cfg(feature = "wgpu")]
+    if std::env::var("RETRAIN_DEVICE").as_deref() != Ok("cpu") {
+        return Device::wgpu(burn::prelude::DeviceKind::DefaultDevice);
+    }
     Device::flex()
 }
 

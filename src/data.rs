@@ -86,7 +86,8 @@ fn scan_classes(root: &Path, dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<
     Ok(classes)
 }
 
-fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+/// Image files below `dir`, hidden files and folders skipped.
+pub fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     for entry in
         std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?
     {

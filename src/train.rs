@@ -640,6 +640,58 @@ impl StepContext<'_> {
     }
 }
 
+/// Running totals of an epoch.
+#[derive(Default)]
+struct EpochTotals {
+    loss_sum: f64,
+    correct: usize,
+    seen: usize,
+    lr: f64,
+}
+
+impl EpochTotals {
+    fn finish(self, model: Model) -> EpochResult {
+        let seen = self.seen.max(1) as f64;
+        Ok((
+            model,
+            self.loss_sum / seen,
+            self.correct as f64 / seen,
+            self.lr,
+        ))
+    }
+}
+
+impl StepContext<'_> {
+    /// One optimisation step from a batch's logits (step `i` of the epoch).
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &self,
+        model: Model,
+        logits: Tensor<2>,
+        labels: &[usize],
+        i: usize,
+        optimizers: &mut Optimizers,
+        totals: &mut EpochTotals,
+        progress: &ProgressBar,
+    ) -> anyhow::Result<Model> {
+        let (loss, value, correct) = self.loss(logits, labels)?;
+        let step = self.epoch * self.steps_per_epoch + i;
+        totals.lr = learning_rate(self.options, step, self.steps_per_epoch);
+        let mult = self.options.head_lr_mult;
+        let model = optimizers.step(model, loss, self.head_ids, totals.lr, mult);
+        totals.loss_sum += value * labels.len() as f64;
+        totals.correct += correct;
+        totals.seen += labels.len();
+        progress.inc(labels.len() as u64);
+        progress.set_message(format!(
+            "loss {:.4} acc {:.3}",
+            totals.loss_sum / totals.seen as f64,
+            totals.correct as f64 / totals.seen as f64
+        ));
+        Ok(model)
+    }
+}
+
 fn count_correct(logits: &Tensor<2>, labels: &[usize]) -> anyhow::Result<usize> {
     let pred = logits
         .clone()
@@ -694,7 +746,7 @@ fn train_epoch(
             min_scale: opts.crop_scale,
         },
     );
-    let (mut loss_sum, mut correct, mut seen, mut lr) = (0.0, 0, 0, 0.0);
+    let mut totals = EpochTotals::default();
     let size = pre.input_size;
     for (i, batch) in rx.into_iter().enumerate() {
         if INTERRUPTED.load(Ordering::SeqCst) {
@@ -706,29 +758,17 @@ fn train_epoch(
             ctx.device,
         );
         let logits = model.forward(x);
-        let (loss, value, c) = ctx.loss(logits, &batch.labels)?;
-        lr = learning_rate(
-            opts,
-            ctx.epoch * ctx.steps_per_epoch + i,
-            ctx.steps_per_epoch,
-        );
-        model = optimizers.step(model, loss, ctx.head_ids, lr, opts.head_lr_mult);
-        loss_sum += value * n as f64;
-        correct += c;
-        seen += n;
-        progress.inc(n as u64);
-        progress.set_message(format!(
-            "loss {:.4} acc {:.3}",
-            loss_sum / seen as f64,
-            correct as f64 / seen as f64
-        ));
+        model = ctx.step(
+            model,
+            logits,
+            &batch.labels,
+            i,
+            optimizers,
+            &mut totals,
+            progress,
+        )?;
     }
-    Ok((
-        model,
-        loss_sum / seen.max(1) as f64,
-        correct as f64 / seen.max(1) as f64,
-        lr,
-    ))
+    totals.finish(model)
 }
 
 /// Pooled backbone outputs computed once: `views` per training image (the first with the
@@ -818,7 +858,7 @@ fn train_epoch_cached(
 ) -> EpochResult {
     let opts = ctx.options;
     let order = data::epoch_order(cache.train.len(), opts.seed, ctx.epoch);
-    let (mut loss_sum, mut correct, mut seen, mut lr) = (0.0, 0, 0, 0.0);
+    let mut totals = EpochTotals::default();
     let views = cache.train.first().map_or(1, Vec::len);
     for (i, idx) in order.chunks(opts.batch_size).enumerate() {
         if INTERRUPTED.load(Ordering::SeqCst) {
@@ -833,24 +873,9 @@ fn train_epoch_cached(
         let labels: Vec<usize> = idx.iter().map(|&j| cache.train_labels[j]).collect();
         let x = Tensor::<2>::from_data(TensorData::new(features, [n, cache.dim]), ctx.device);
         let logits = model.forward_head(x);
-        let (loss, value, c) = ctx.loss(logits, &labels)?;
-        lr = learning_rate(
-            opts,
-            ctx.epoch * ctx.steps_per_epoch + i,
-            ctx.steps_per_epoch,
-        );
-        model = optimizers.step(model, loss, ctx.head_ids, lr, opts.head_lr_mult);
-        loss_sum += value * n as f64;
-        correct += c;
-        seen += n;
-        progress.inc(n as u64);
+        model = ctx.step(model, logits, &labels, i, optimizers, &mut totals, progress)?;
     }
-    Ok((
-        model,
-        loss_sum / seen.max(1) as f64,
-        correct as f64 / seen.max(1) as f64,
-        lr,
-    ))
+    totals.finish(model)
 }
 
 /// Mean cross-entropy, top-1 and top-5 of `logits` rows against `labels`.
