@@ -268,8 +268,14 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
         _ => &final_set,
     };
 
-    // Resume from `last` if there is one.
+    // Resume from `last` if there is one (or from `last.old` if a crash hit the swap).
     let last_dir = out.join("last");
+    let old_dir = out.join("last.old");
+    if !last_dir.join("state.json").exists() && old_dir.join("state.json").exists() {
+        let _ = std::fs::remove_dir_all(&last_dir);
+        std::fs::rename(&old_dir, &last_dir)
+            .with_context(|| format!("{}: cannot restore", old_dir.display()))?;
+    }
     let mut state = if last_dir.join("state.json").exists() {
         model = model
             .try_load_file(last_dir.join("model.bpk"))
