@@ -268,65 +268,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             images,
         } => predict(run.as_deref(), arch, &weights, top_k, json, &images),
-        Command::Compare(args) => {
-            let CompareArgs {
-                mut options,
-                out,
-                regimes,
-                epochs,
-            } = *args;
-            options.epochs = epochs;
-            let arch = match (options.arch, &options.weights) {
-                (Some(a), _) => a,
-                (None, Some(w)) => {
-                    detect(&checkpoint::read(w, options.key.as_deref())?)
-                        .context("cannot tell the architecture from --weights; pass --arch")?
-                        .arch
-                }
-                (None, None) => anyhow::bail!("pass --weights (and optionally --arch)"),
-            };
-            let regimes = parse_regimes(&regimes, arch)?;
-            let summary = compare(&options, &regimes, &out)?;
-            println!("\n{}", summary_markdown(&summary));
-            println!("figure: {}", out.join("curves.png").display());
-            Ok(())
-        }
+        Command::Compare(args) => compare_command(*args),
         Command::Eval {
             run,
             data,
             batch_size,
             json,
-        } => {
-            let report = evaluate_run(&run, data.as_deref(), batch_size)?;
-            let config: RunConfig = read_json(&run.join("config.json"))?;
-            plot_confusion(
-                &report.confusion,
-                &config.classes,
-                &run.join("confusion.png"),
-            )?;
-            write_json(&run.join("eval.json"), &report)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", render_eval(&report, &config.classes));
-                println!(
-                    "\nconfusion matrix figure: {}",
-                    run.join("confusion.png").display()
-                );
-            }
-            Ok(())
-        }
-        Command::Export { run, out } => {
-            let (model, config) = load_run(&run, &device())?;
-            export(&model, &out)?;
-            println!(
-                "wrote {} ({} with {} classes, PyTorch names)",
-                out.display(),
-                describe(&config.model),
-                config.classes.len()
-            );
-            Ok(())
-        }
+        } => eval_command(&run, data.as_deref(), batch_size, json),
+        Command::Export { run, out } => export_command(&run, &out),
         Command::Demo { out } => crate::demo::demo(&out),
         Command::Bench {
             arch,
@@ -336,26 +285,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             warmup,
             steps,
             json,
-        } => {
-            let r =
-                crate::bench::run(arch, workload, batch_size, image_size, warmup, steps.max(1))?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                match (r.images_per_second, r.seconds) {
-                    (Some(ips), _) => println!(
-                        "{arch} {workload:?}: {ips:.1} img/s (median of {steps} steps), peak {:.0} MiB",
-                        r.peak_memory_mib
-                    ),
-                    (_, Some(s)) => println!(
-                        "{arch} {workload:?}: {s:.1} s, peak {:.0} MiB",
-                        r.peak_memory_mib
-                    ),
-                    _ => {}
-                }
-            }
-            Ok(())
-        }
+        } => bench_command(arch, workload, batch_size, image_size, warmup, steps, json),
         Command::Train(args) => train_command(*args),
         Command::Synth {
             kind,
@@ -365,6 +295,90 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
         } => synth::write_dataset(&out, kind, per_class, size, seed),
     }
+}
+
+fn compare_command(args: CompareArgs) -> anyhow::Result<()> {
+    let CompareArgs {
+        mut options,
+        out,
+        regimes,
+        epochs,
+    } = args;
+    options.epochs = epochs;
+    let arch = match (options.arch, &options.weights) {
+        (Some(a), _) => a,
+        (None, Some(w)) => {
+            detect(&checkpoint::read(w, options.key.as_deref())?)
+                .context("cannot tell the architecture from --weights; pass --arch")?
+                .arch
+        }
+        (None, None) => anyhow::bail!("pass --weights (and optionally --arch)"),
+    };
+    let regimes = parse_regimes(&regimes, arch)?;
+    let summary = compare(&options, &regimes, &out)?;
+    println!("\n{}", summary_markdown(&summary));
+    println!("figure: {}", out.join("curves.png").display());
+    Ok(())
+}
+
+fn eval_command(
+    run: &Path,
+    data: Option<&Path>,
+    batch_size: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let report = evaluate_run(run, data, batch_size)?;
+    let config: RunConfig = read_json(&run.join("config.json"))?;
+    let figure = run.join("confusion.png");
+    plot_confusion(&report.confusion, &config.classes, &figure)?;
+    write_json(&run.join("eval.json"), &report)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_eval(&report, &config.classes));
+        println!("\nconfusion matrix figure: {}", figure.display());
+    }
+    Ok(())
+}
+
+fn export_command(run: &Path, out: &Path) -> anyhow::Result<()> {
+    let (model, config) = load_run(run, &device())?;
+    export(&model, out)?;
+    println!(
+        "wrote {} ({} with {} classes, PyTorch names)",
+        out.display(),
+        describe(&config.model),
+        config.classes.len()
+    );
+    Ok(())
+}
+
+fn bench_command(
+    arch: Arch,
+    workload: crate::bench::Workload,
+    batch_size: usize,
+    image_size: usize,
+    warmup: usize,
+    steps: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let r = crate::bench::run(arch, workload, batch_size, image_size, warmup, steps.max(1))?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    match (r.images_per_second, r.seconds) {
+        (Some(ips), _) => println!(
+            "{arch} {workload:?}: {ips:.1} img/s (median of {steps} steps), peak {:.0} MiB",
+            r.peak_memory_mib
+        ),
+        (_, Some(s)) => println!(
+            "{arch} {workload:?}: {s:.1} s, peak {:.0} MiB",
+            r.peak_memory_mib
+        ),
+        _ => {}
+    }
+    Ok(())
 }
 
 fn train_command(args: TrainArgs) -> anyhow::Result<()> {
