@@ -12,11 +12,13 @@
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::nn::{BatchNorm, Dropout, Linear};
+use burn::nn::{Dropout, Linear};
+
+use super::batch_norm::BatchNorm;
 use burn::prelude::*;
 use burn::tensor::activation::relu6;
 
-use super::layers::{ConvSpec, batch_norm, dropout, global_avg_pool, head};
+use super::layers::{ConvSpec, dropout, global_avg_pool, head};
 
 const BN_EPS: f64 = 1e-3;
 const BN_MOMENTUM: f64 = 0.01;
@@ -44,7 +46,7 @@ fn same_padding(size: usize, kernel: usize, stride: usize) -> [usize; 4] {
 }
 
 fn bn(channels: usize, device: &Device) -> BatchNorm {
-    batch_norm(channels, BN_EPS, BN_MOMENTUM, device)
+    BatchNorm::new(channels, BN_EPS, BN_MOMENTUM, device)
 }
 
 #[derive(Module, Debug)]

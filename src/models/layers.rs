@@ -10,10 +10,9 @@ use burn::module::Module;
 use burn::nn::activation::Relu6;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::MaxPool2d;
-use burn::nn::{
-    BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Initializer, Linear, LinearConfig,
-    PaddingConfig2d, Relu,
-};
+use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, PaddingConfig2d, Relu};
+
+use super::batch_norm::BatchNorm;
 use burn::prelude::*;
 
 /// One child of a PyTorch `nn.Sequential`.
@@ -118,13 +117,6 @@ impl ConvSpec {
     }
 }
 
-pub fn batch_norm(channels: usize, eps: f64, momentum: f64, device: &Device) -> BatchNorm {
-    BatchNormConfig::new(channels)
-        .with_epsilon(eps)
-        .with_momentum(momentum)
-        .init(device)
-}
-
 /// A freshly initialised classifier: small normal weights, zero bias (as torchvision's
 /// MobileNetV2 and timm's heads), so a new head starts near uniform predictions.
 pub fn head(features: usize, classes: usize, device: &Device) -> Linear {
@@ -144,7 +136,7 @@ pub fn dropout(prob: f64) -> Dropout {
 pub fn conv_bn_act(spec: ConvSpec, act: Layer, device: &Device) -> Vec<Layer> {
     vec![
         Layer::Conv2d(spec.init(device)),
-        Layer::BatchNorm2d(batch_norm(spec.cout, 1e-5, 0.1, device)),
+        Layer::BatchNorm2d(BatchNorm::new(spec.cout, 1e-5, 0.1, device)),
         act,
     ]
 }

@@ -4,8 +4,9 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
 
+use super::batch_norm::BatchNorm;
+use super::layers::sequential;
 use super::layers::{ConvSpec, Layer, conv_bn_act, dropout, global_avg_pool, head, relu6};
-use super::layers::{batch_norm, sequential};
 
 /// (expansion t, output channels c, repeats n, first stride s), torchvision's table.
 const SETTINGS: [(usize, usize, usize, usize); 7] = [
@@ -60,7 +61,7 @@ impl InvertedResidual {
         conv.push(Layer::Conv2d(
             ConvSpec::new(hidden, cout, 1, 1).init(device),
         ));
-        conv.push(Layer::BatchNorm2d(batch_norm(cout, 1e-5, 0.1, device)));
+        conv.push(Layer::BatchNorm2d(BatchNorm::new(cout, 1e-5, 0.1, device)));
         Self {
             conv,
             use_res_connect: stride == 1 && cin == cout,

@@ -2,6 +2,7 @@
 //! a pretrained config (preprocessing, head tensor names, feature dimension, class names),
 //! `forward_features`, `forward_head`, and the named-module tree (see [`crate::modules`]).
 
+pub mod batch_norm;
 pub mod efficientnet_lite;
 pub mod layers;
 pub mod mobilenet_v2;

@@ -4,12 +4,14 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2dConfig;
-use burn::nn::{BatchNorm, Linear, PaddingConfig2d};
+use burn::nn::{Linear, PaddingConfig2d};
+
+use super::batch_norm::BatchNorm;
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
 
-use super::layers::{ConvSpec, Layer, batch_norm, global_avg_pool, head, sequential};
+use super::layers::{ConvSpec, Layer, global_avg_pool, head, sequential};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -43,7 +45,7 @@ impl ResNetSpec {
 }
 
 fn bn(channels: usize, device: &Device) -> BatchNorm {
-    batch_norm(channels, 1e-5, 0.1, device)
+    BatchNorm::new(channels, 1e-5, 0.1, device)
 }
 
 /// torchvision's shortcut projection: 1x1 conv with the block's stride, then BatchNorm.
