@@ -151,6 +151,24 @@ pub struct EpochMetrics {
     pub images_per_second: f64,
 }
 
+impl EpochMetrics {
+    /// The one-line epoch summary printed after each epoch.
+    fn line(&self, epochs: usize) -> String {
+        format!(
+            "epoch {:>3}/{epochs}  loss {:.4}  acc {:.3}  val_loss {:.4}  top1 {:.3}  top5 {:.3}  lr {:.2e}  {:.1}s  {:.1} img/s",
+            self.epoch,
+            self.train_loss,
+            self.train_acc,
+            self.val_loss,
+            self.val_top1,
+            self.val_top5,
+            self.lr,
+            self.epoch_seconds,
+            self.images_per_second
+        )
+    }
+}
+
 /// `config.json`: the options, the model and its preprocessing, the classes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunConfig {
@@ -393,19 +411,7 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
             epoch_seconds: epoch_start.elapsed().as_secs_f64(),
             images_per_second: train_set.len() as f64 / train_seconds,
         };
-        println!(
-            "epoch {:>3}/{}  loss {:.4}  acc {:.3}  val_loss {:.4}  top1 {:.3}  top5 {:.3}  lr {:.2e}  {:.1}s  {:.1} img/s",
-            metrics.epoch,
-            options.epochs,
-            train_loss,
-            train_acc,
-            val_loss,
-            val_top1,
-            val_top5,
-            lr,
-            metrics.epoch_seconds,
-            metrics.images_per_second
-        );
+        println!("{}", metrics.line(options.epochs));
         state.history.push(metrics);
         state.epochs_done = epoch + 1;
         // Best = highest val top-1; ties go to the lower val loss (small val sets tie often).
