@@ -3,7 +3,6 @@
 
 use std::time::Instant;
 
-use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsParams, SgdConfig, momentum::MomentumConfig};
 use burn::prelude::*;
@@ -90,7 +89,7 @@ pub fn run(
     let (mut images_per_second, mut seconds) = (None, None);
     match workload {
         Workload::Inference => {
-            let model = spec.build(&plain).valid();
+            let model = spec.build(&plain).for_inference();
             let x = random_batch(batch, size, &plain);
             let times = time_steps(warmup, steps, || {
                 let _ = crate::cli::to_vec(model.forward(x.clone()));
@@ -129,7 +128,7 @@ pub fn run(
             let model = spec.build(&ad);
             let set = freeze::parse_spec("backbone", &spec, &model)?;
             let mut model = freeze::apply(model, &set, FrozenBn::Eval);
-            let eval = model.valid();
+            let eval = model.for_inference();
             let mut features = Vec::new();
             for _ in 0..images / batch {
                 features.extend(crate::cli::to_vec(

@@ -520,11 +520,11 @@ fn forward(
     output: &Path,
 ) -> anyhow::Result<()> {
     let device = device();
-    let loaded = weights.load(arch, None, &device)?;
+    let model = weights.load(arch, None, &device)?.model.for_inference();
     let (data, dims) = read_input(input, input_tensor)?;
     let x = Tensor::<4>::from_data(TensorData::new(data, dims), &device);
-    let embedding = loaded.model.embed(x);
-    let logits = loaded.model.forward_head(embedding.clone());
+    let embedding = model.embed(x);
+    let logits = model.forward_head(embedding.clone());
     let to_entry = |name: &str, t: Tensor<2>| -> anyhow::Result<(String, Vec<usize>, Vec<f32>)> {
         let shape = t.dims().to_vec();
         Ok((name.to_string(), shape, to_vec(t)?))
@@ -565,12 +565,20 @@ fn predict(
     let (model, preprocess, class_names) = match run {
         Some(run) => {
             let (model, config) = load_run(run, &device)?;
-            (model, config.preprocess, Some(config.classes))
+            (
+                model.for_inference(),
+                config.preprocess,
+                Some(config.classes),
+            )
         }
         None => {
             let loaded = weights.load(arch, None, &device)?;
             let config = loaded.spec.pretrained_config();
-            (loaded.model, config.preprocess, config.class_names)
+            (
+                loaded.model.for_inference(),
+                config.preprocess,
+                config.class_names,
+            )
         }
     };
     let size = preprocess.input_size;

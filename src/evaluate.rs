@@ -125,6 +125,7 @@ pub fn evaluate_run(
 ) -> anyhow::Result<EvalReport> {
     let device = crate::cli::device();
     let (model, config) = load_run(run, &device)?;
+    let model = model.for_inference();
     let (root, entries) = eval_entries(&config, run, data)?;
     let pre = config.preprocess.clone();
     let set = Arc::new(ImageSet::load(

@@ -801,7 +801,7 @@ impl FeatureCache {
         pre: &Preprocess,
         options: &TrainOptions,
     ) -> anyhow::Result<Self> {
-        let eval_model = model.valid();
+        let eval_model = model.for_inference();
         let views = options.cache_views.max(1);
         let bar = ProgressBar::new(((train.len() * views) + val.len()) as u64);
         bar.set_style(
@@ -910,7 +910,7 @@ fn evaluate(
     pre: &Preprocess,
     batch_size: usize,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    let eval_model = model.valid();
+    let eval_model = model.for_inference();
     let device = crate::cli::device();
     let order: Vec<usize> = (0..set.len()).collect();
     let (mut loss, mut top1, mut top5) = (0.0, 0, 0);

@@ -5,6 +5,7 @@
 
 use burn::module::{Flag, Module, Param, RunningState};
 use burn::nn::Initializer;
+use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::module::{batch_norm, batch_norm_train};
 
@@ -19,6 +20,8 @@ pub struct BatchNorm {
     /// PyTorch's convention: new = (1 - momentum) * old + momentum * batch.
     pub momentum: f64,
     pub epsilon: f64,
+    /// Folded into the convolution before it (eval only): the layer passes its input through.
+    pub folded: bool,
 }
 
 impl BatchNorm {
@@ -31,10 +34,38 @@ impl BatchNorm {
             running_var: RunningState::new(Tensor::ones([channels], device)),
             momentum,
             epsilon,
+            folded: false,
         }
     }
 
+    /// Fold this layer into `conv`, the convolution that feeds it, for inference: the conv
+    /// weights are scaled by gamma / sqrt(var + eps), a bias takes beta - mean * scale, and
+    /// this layer becomes the identity. One pass over the activations fewer per layer.
+    pub fn fold_into(&mut self, conv: &mut Conv2d) {
+        let var = self.running_var.value();
+        let scale = self.gamma.val().div(var.add_scalar(self.epsilon).sqrt());
+        let [cout, _, _, _] = conv.weight.dims();
+        let weight = conv
+            .weight
+            .val()
+            .mul(scale.clone().reshape([cout, 1, 1, 1]));
+        let shift = self
+            .beta
+            .val()
+            .sub(self.running_mean.value().mul(scale.clone()));
+        let bias = match &conv.bias {
+            Some(b) => b.val().mul(scale).add(shift),
+            None => shift,
+        };
+        conv.weight = Param::from_tensor(weight);
+        conv.bias = Some(Param::from_tensor(bias));
+        self.folded = true;
+    }
+
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        if self.folded {
+            return input;
+        }
         let device = input.device();
         if !(device.is_autodiff() && self.training.is_enabled()) {
             let mean = self.running_mean.value().to_device(&device);

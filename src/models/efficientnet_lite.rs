@@ -137,6 +137,19 @@ impl EfficientNetLite {
         }
     }
 
+    /// Fold BatchNorm into the convolutions (inference only).
+    pub fn fold_batchnorm(&mut self) {
+        self._bn0.fold_into(&mut self._conv_stem);
+        for b in &mut self._blocks {
+            if let (Some(conv), Some(bn)) = (&mut b._expand_conv, &mut b._bn0) {
+                bn.fold_into(conv);
+            }
+            b._bn1.fold_into(&mut b._depthwise_conv);
+            b._bn2.fold_into(&mut b._project_conv);
+        }
+        self._bn1.fold_into(&mut self._conv_head);
+    }
+
     pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
         let x = relu6(self._bn0.forward(self._conv_stem.forward(x)));
         let x = self._blocks.iter().fold(x, |x, b| b.forward(x));

@@ -55,6 +55,18 @@ impl Layer {
     }
 }
 
+/// Fold every `Conv2d` directly followed by a `BatchNorm2d` (nested sequences included).
+pub fn fold_sequential(layers: &mut [Layer]) {
+    for i in 0..layers.len() {
+        if let Layer::Sequential(inner) = &mut layers[i] {
+            fold_sequential(inner);
+        }
+        if let [Layer::Conv2d(conv), Layer::BatchNorm2d(bn), ..] = &mut layers[i..] {
+            bn.fold_into(conv);
+        }
+    }
+}
+
 pub fn sequential(layers: &[Layer], x: Tensor<4>) -> Tensor<4> {
     layers.iter().fold(x, |x, layer| layer.forward(x))
 }

@@ -5,8 +5,8 @@ use burn::nn::Linear;
 use burn::prelude::*;
 
 use super::batch_norm::BatchNorm;
-use super::layers::sequential;
 use super::layers::{ConvSpec, Layer, conv_bn_act, dropout, global_avg_pool, head, relu6};
+use super::layers::{fold_sequential, sequential};
 
 /// (expansion t, output channels c, repeats n, first stride s), torchvision's table.
 const SETTINGS: [(usize, usize, usize, usize); 7] = [
@@ -125,6 +125,16 @@ impl MobileNetV2 {
             Feature::Conv2dNormActivation(layers) => sequential(layers, x),
             Feature::InvertedResidual(block) => block.forward(x),
         })
+    }
+
+    /// Fold BatchNorm into the convolutions (inference only).
+    pub fn fold_batchnorm(&mut self) {
+        for f in &mut self.features {
+            match f {
+                Feature::Conv2dNormActivation(layers) => fold_sequential(layers),
+                Feature::InvertedResidual(block) => fold_sequential(&mut block.conv),
+            }
+        }
     }
 
     /// The classifier's Linear layer (`classifier.1`).

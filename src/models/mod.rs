@@ -290,6 +290,18 @@ pub enum Model {
 }
 
 impl Model {
+    /// An eval-mode copy for inference, BatchNorm folded into the convolutions. Not for
+    /// training or saving: the BatchNorm layers of the copy are identities.
+    pub fn for_inference(&self) -> Model {
+        let mut model = self.valid();
+        match &mut model {
+            Model::MobileNetV2(m) => m.fold_batchnorm(),
+            Model::ResNet(m) => m.fold_batchnorm(),
+            Model::EfficientNetLite(m) => m.fold_batchnorm(),
+        }
+        model
+    }
+
     /// Feature maps before pooling, `[N, D, h, w]`.
     pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
         match self {

@@ -11,7 +11,7 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
 
-use super::layers::{ConvSpec, Layer, global_avg_pool, head, sequential};
+use super::layers::{ConvSpec, Layer, fold_sequential, global_avg_pool, head, sequential};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -205,6 +205,32 @@ impl ResNet {
             layer3,
             layer4,
             fc: head(cin, num_classes, device),
+        }
+    }
+
+    /// Fold BatchNorm into the convolutions (inference only).
+    pub fn fold_batchnorm(&mut self) {
+        self.bn1.fold_into(&mut self.conv1);
+        let stages = [
+            &mut self.layer1,
+            &mut self.layer2,
+            &mut self.layer3,
+            &mut self.layer4,
+        ];
+        for block in stages.into_iter().flatten() {
+            match block {
+                Block::BasicBlock(b) => {
+                    b.bn1.fold_into(&mut b.conv1);
+                    b.bn2.fold_into(&mut b.conv2);
+                    b.downsample.iter_mut().for_each(|d| fold_sequential(d));
+                }
+                Block::Bottleneck(b) => {
+                    b.bn1.fold_into(&mut b.conv1);
+                    b.bn2.fold_into(&mut b.conv2);
+                    b.bn3.fold_into(&mut b.conv3);
+                    b.downsample.iter_mut().for_each(|d| fold_sequential(d));
+                }
+            }
         }
     }
 
