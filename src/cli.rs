@@ -6,6 +6,7 @@ use anyhow::Context;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use clap::{Args, Parser, Subcommand};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::checkpoint;
@@ -583,28 +584,38 @@ fn predict(
     };
     let size = preprocess.input_size;
     let mut predictions = Vec::new();
-    for path in expand_images(images)? {
-        let path = &path;
-        let pixels = preprocess.load(path)?;
-        let x = Tensor::<4>::from_data(TensorData::new(pixels, [1, 3, size, size]), &device);
+    // Batches of images, decoded in parallel.
+    let paths = expand_images(images)?;
+    for chunk in paths.chunks(16) {
+        let pixels = chunk
+            .par_iter()
+            .map(|p| preprocess.load(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let n = chunk.len();
+        let x = Tensor::<4>::from_data(
+            TensorData::new(pixels.concat(), [n, 3, size, size]),
+            &device,
+        );
         let probs = to_vec(softmax(model.forward(x), 1))?;
-        let mut order: Vec<usize> = (0..probs.len()).collect();
-        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-        let top = order
-            .into_iter()
-            .take(top_k)
-            .map(|index| TopClass {
-                index,
-                label: class_names
-                    .as_ref()
-                    .map_or_else(|| format!("class {index}"), |n| n[index].clone()),
-                prob: probs[index],
-            })
-            .collect();
-        predictions.push(Prediction {
-            image: path.display().to_string(),
-            top,
-        });
+        for (path, probs) in chunk.iter().zip(probs.chunks(probs.len() / n)) {
+            let mut order: Vec<usize> = (0..probs.len()).collect();
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+            let top = order
+                .into_iter()
+                .take(top_k)
+                .map(|index| TopClass {
+                    index,
+                    label: class_names
+                        .as_ref()
+                        .map_or_else(|| format!("class {index}"), |n| n[index].clone()),
+                    prob: probs[index],
+                })
+                .collect();
+            predictions.push(Prediction {
+                image: path.display().to_string(),
+                top,
+            });
+        }
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&predictions)?);
