@@ -400,6 +400,12 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
             (Some(c), true) => evaluate_cached(&model, c)?,
             _ => evaluate(&model, &val_set, &preprocess, options.batch_size)?,
         };
+        if !val_loss.is_finite() {
+            bail!(
+                "the validation loss became {val_loss} at epoch {}; stopping (the last good checkpoint is kept). Try a lower --lr",
+                epoch + 1
+            );
+        }
         let metrics = EpochMetrics {
             epoch: epoch + 1,
             train_loss,
@@ -897,7 +903,12 @@ pub fn score(logits: &[f32], labels: &[usize], classes: usize) -> (f64, usize, u
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let lse = row.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
         loss += (lse - row[label]) as f64;
-        let rank = row.iter().filter(|&&v| v > row[label]).count();
+        // A non-finite logit row ranks the true class last: NaN compares false otherwise.
+        let rank = if row.iter().all(|v| v.is_finite()) {
+            row.iter().filter(|&&v| v > row[label]).count()
+        } else {
+            classes
+        };
         top1 += usize::from(rank == 0);
         top5 += usize::from(rank < 5);
     }

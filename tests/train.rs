@@ -403,6 +403,45 @@ fn unreadable_images_are_skipped_and_named() {
     assert!(stderr.contains("class 'b'"), "{stderr}");
 }
 
+/// A diverging run stops with a clear message and never saves a non-finite checkpoint.
+#[test]
+fn a_non_finite_loss_stops_the_run() {
+    let dir = tempdir();
+    let data = toy(dir.path(), 10);
+    let run = dir.path().join("run");
+    let stderr = retrain_err([
+        "train",
+        "--weights",
+        fixture("resnet18_w16.pth").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "3",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e8",
+        "--schedule",
+        "constant",
+    ]);
+    assert!(
+        stderr.contains("became") && stderr.contains("Try a lower --lr"),
+        "{stderr}"
+    );
+    if let Ok(text) = std::fs::read_to_string(run.join("metrics.jsonl")) {
+        for line in text.lines() {
+            let m: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert!(m["val_loss"].as_f64().is_some_and(f64::is_finite), "{line}");
+        }
+    }
+}
+
 #[test]
 fn bad_freeze_spec_lists_the_valid_names() {
     let dir = tempdir();
