@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::preprocess::{Preprocess, decode, to_chw};
+use crate::preprocess::{Interpolation, Preprocess, decode, to_chw};
 
 const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "webp", "gif", "jfif"];
 
@@ -257,7 +257,8 @@ fn shrink(img: RgbImage, presize: usize) -> RgbImage {
         return img;
     }
     let (nw, nh) = (w * presize / short, h * presize / short);
-    image::imageops::resize(&img, nw as u32, nh as u32, FilterType::Triangle)
+    // Pillow's resize, so that the eval transform of a presized image equals `predict`'s.
+    crate::resample::resize(&img, nw as u32, nh as u32, Interpolation::Bilinear)
 }
 
 /// torchvision's `RandomResizedCrop(size, scale=(min_scale, 1), ratio=(3/4, 4/3))` followed

@@ -24,5 +24,6 @@ pub mod modules;
 pub mod output;
 pub mod preprocess;
 pub mod report;
+pub mod resample;
 pub mod synth;
 pub mod train;

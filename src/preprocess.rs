@@ -1,10 +1,8 @@
 //! Image decoding and the eval transform of torchvision's reference recipe: resize the
-//! shorter side, center crop, normalize. Resizing uses the `image` crate's triangle filter,
-//! which, like Pillow's BILINEAR, widens its support when downscaling (antialiasing).
+//! shorter side, center crop, normalize. Resizing reproduces Pillow's (see [`crate::resample`]).
 
 use std::path::Path;
 
-use image::imageops::FilterType;
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
 
@@ -14,15 +12,6 @@ use serde::{Deserialize, Serialize};
 pub enum Interpolation {
     Bilinear,
     Bicubic,
-}
-
-impl Interpolation {
-    fn filter(self) -> FilterType {
-        match self {
-            Interpolation::Bilinear => FilterType::Triangle,
-            Interpolation::Bicubic => FilterType::CatmullRom,
-        }
-    }
 }
 
 /// How a model wants its input prepared (timm's pretrained config, the image part).
@@ -65,7 +54,7 @@ fn resize_shorter(img: &RgbImage, size: usize, interp: Interpolation) -> RgbImag
     if (nw, nh) == (w, h) {
         return img.clone();
     }
-    image::imageops::resize(img, nw as u32, nh as u32, interp.filter())
+    crate::resample::resize(img, nw as u32, nh as u32, interp)
 }
 
 /// torchvision's `CenterCrop`: offsets rounded half to even like Python's `round`.

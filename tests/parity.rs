@@ -90,9 +90,9 @@ fn efficientnet_lite0_real_weights_match_pytorch() {
     }
 }
 
-/// `predict` on real photos gives the package's own top-1 classes and probabilities. Our
-/// resize (image crate, float) and Pillow's (8-bit fixed point) differ by a grey level here
-/// and there, hence the probability tolerance.
+/// `predict` on real photos gives the package's own top-1 classes and probabilities. Resizing
+/// reproduces Pillow's, so PNG photos match closely; a JPEG is decoded by a different decoder
+/// than Pillow's libjpeg, hence its looser tolerance.
 #[test]
 fn efficientnet_lite0_predicts_real_photos_like_pytorch() {
     let Some(ckpt) = lite0_checkpoint() else {
@@ -126,7 +126,12 @@ fn efficientnet_lite0_predicts_real_photos_like_pytorch() {
         let (g0, e0) = (&g["top"][0], &e["top"][0]);
         assert_eq!(g0["index"], e0["index"], "top-1 of {}", e["image"]);
         let (gp, ep) = (g0["prob"].as_f64().unwrap(), e0["prob"].as_f64().unwrap());
-        assert!((gp - ep).abs() < 0.02, "{}: prob {gp} vs {ep}", e["image"]);
+        let tol = if e["image"].as_str().unwrap().ends_with(".png") {
+            1e-4
+        } else {
+            0.02
+        };
+        assert!((gp - ep).abs() < tol, "{}: prob {gp} vs {ep}", e["image"]);
         assert!(
             g0["label"].as_str().unwrap().len() > 2,
             "ImageNet label present"
