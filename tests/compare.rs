@@ -6,22 +6,6 @@ use std::path::Path;
 use common::*;
 use retrain::checkpoint;
 
-fn toy(dir: &Path) -> std::path::PathBuf {
-    let data = dir.join("toy");
-    retrain_ok([
-        "synth".as_ref(),
-        "--kind".as_ref(),
-        "toy".as_ref(),
-        "--out".as_ref(),
-        data.as_os_str(),
-        "--per-class".as_ref(),
-        "16".as_ref(),
-        "--size".as_ref(),
-        "32".as_ref(),
-    ]);
-    data
-}
-
 fn compare_args<'a>(data: &'a Path, out: &'a Path, weights: &'a Path) -> Vec<&'a std::ffi::OsStr> {
     vec![
         "compare".as_ref(),
@@ -50,7 +34,7 @@ fn json(path: &Path) -> serde_json::Value {
 #[test]
 fn compare_trains_every_regime_draws_the_figure_and_resumes() {
     let dir = tempdir();
-    let data = toy(dir.path());
+    let data = toy(dir.path(), 16);
     let out = dir.path().join("cmp");
     let weights = fixture("resnet18_w16.pth");
     let stdout = retrain_ok(compare_args(&data, &out, &weights));
@@ -138,7 +122,7 @@ fn compare_trains_every_regime_draws_the_figure_and_resumes() {
 #[test]
 fn regimes_can_be_chosen_with_a_custom_partial_spec() {
     let dir = tempdir();
-    let data = toy(dir.path());
+    let data = toy(dir.path(), 16);
     let out = dir.path().join("cmp");
     let weights = fixture("mbv2_w025.pth");
     let mut args = compare_args(&data, &out, &weights);
@@ -168,7 +152,7 @@ fn regimes_can_be_chosen_with_a_custom_partial_spec() {
 #[test]
 fn eval_predict_and_export_use_the_run() {
     let dir = tempdir();
-    let data = toy(dir.path());
+    let data = toy(dir.path(), 16);
     let run = dir.path().join("run");
     retrain_ok([
         "train",

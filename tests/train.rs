@@ -2,29 +2,13 @@
 //! statistics, exact resume, determinism, bad images and bad specs.
 
 mod common;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use retrain::checkpoint;
 
-/// A small toy dataset (classes visible in colour, shape and texture), made once per test.
-fn toy(dir: &Path, per_class: usize) -> PathBuf {
-    let data = dir.join("toy");
-    retrain_ok([
-        "synth".as_ref(),
-        "--kind".as_ref(),
-        "toy".as_ref(),
-        "--out".as_ref(),
-        data.as_os_str(),
-        "--per-class".as_ref(),
-        per_class.to_string().as_ref(),
-        "--size".as_ref(),
-        "32".as_ref(),
-    ]);
-    data
-}
-
-fn train(data: &Path, out: &Path, weights: &str, extra: &[&str]) -> String {
+/// `train` on a fixture checkpoint at 32x32, plus `extra`.
+fn train_args(weights: &str, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "train".into(),
         "--weights".into(),
@@ -35,13 +19,16 @@ fn train(data: &Path, out: &Path, weights: &str, extra: &[&str]) -> String {
         out.display().to_string(),
         "--image-size".into(),
         "32".into(),
-        "--batch-size".into(),
-        "16".into(),
-        "--crop-scale".into(),
-        "0.5".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    retrain_ok(args)
+    args
+}
+
+/// A successful run with batch 16 and milder crops; returns stdout.
+fn train(data: &Path, out: &Path, weights: &str, extra: &[&str]) -> String {
+    let mut all = vec!["--batch-size", "16", "--crop-scale", "0.5"];
+    all.extend(extra);
+    retrain_ok(train_args(weights, data, out, &all))
 }
 
 fn json(path: &Path) -> serde_json::Value {
@@ -303,36 +290,32 @@ fn two_phase_unfreeze_trains_head_first_then_the_rest() {
     let dir = tempdir();
     let data = toy(dir.path(), 20);
     let run = dir.path().join("run");
-    let out = retrain([
-        "train",
-        "--weights",
-        fixture("resnet18_w16.pth").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--image-size",
-        "32",
-        "--batch-size",
-        "16",
-        "--freeze",
-        "layer1",
-        "--unfreeze-at",
-        "1",
-        "--epochs",
-        "2",
-        "--head-lr-mult",
-        "10",
-        "--label-smoothing",
-        "0.1",
-        "--class-weights",
-        "auto",
-        "--optimizer",
-        "sgd",
-        "--nesterov",
-        "--schedule",
-        "step",
-    ]);
+    let out = retrain(train_args(
+        "resnet18_w16.pth",
+        &data,
+        &run,
+        &[
+            "--batch-size",
+            "16",
+            "--freeze",
+            "layer1",
+            "--unfreeze-at",
+            "1",
+            "--epochs",
+            "2",
+            "--head-lr-mult",
+            "10",
+            "--label-smoothing",
+            "0.1",
+            "--class-weights",
+            "auto",
+            "--optimizer",
+            "sgd",
+            "--nesterov",
+            "--schedule",
+            "step",
+        ],
+    ));
     assert!(
         out.status.success(),
         "{}",
@@ -356,21 +339,12 @@ fn unreadable_images_are_skipped_and_named() {
     std::fs::write(data.join("red_disk/notes.txt"), b"ignored").unwrap();
     std::fs::write(data.join("red_disk/.hidden.png"), b"ignored").unwrap();
     let run = dir.path().join("run");
-    let out = retrain([
-        "train",
-        "--weights",
-        fixture("resnet18_w16.pth").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--image-size",
-        "32",
-        "--epochs",
-        "1",
-        "--val-fraction",
-        "0",
-    ]);
+    let out = retrain(train_args(
+        "resnet18_w16.pth",
+        &data,
+        &run,
+        &["--epochs", "1", "--val-fraction", "0"],
+    ));
     assert!(
         out.status.success(),
         "{}",
@@ -387,19 +361,12 @@ fn unreadable_images_are_skipped_and_named() {
     std::fs::create_dir_all(bad.join("b")).unwrap();
     std::fs::copy(data.join("red_disk/0000.png"), bad.join("a/x.png")).unwrap();
     std::fs::write(bad.join("b/y.png"), b"garbage").unwrap();
-    let stderr = retrain_err([
-        "train",
-        "--weights",
-        fixture("resnet18_w16.pth").to_str().unwrap(),
-        "--data",
-        bad.to_str().unwrap(),
-        "--out",
-        dir.path().join("r2").to_str().unwrap(),
-        "--image-size",
-        "32",
-        "--epochs",
-        "1",
-    ]);
+    let stderr = retrain_err(train_args(
+        "resnet18_w16.pth",
+        &bad,
+        &dir.path().join("r2"),
+        &["--epochs", "1"],
+    ));
     assert!(stderr.contains("class 'b'"), "{stderr}");
 }
 
@@ -409,27 +376,23 @@ fn a_non_finite_loss_stops_the_run() {
     let dir = tempdir();
     let data = toy(dir.path(), 10);
     let run = dir.path().join("run");
-    let stderr = retrain_err([
-        "train",
-        "--weights",
-        fixture("resnet18_w16.pth").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "3",
-        "--optimizer",
-        "sgd",
-        "--lr",
-        "1e8",
-        "--schedule",
-        "constant",
-    ]);
+    let stderr = retrain_err(train_args(
+        "resnet18_w16.pth",
+        &data,
+        &run,
+        &[
+            "--batch-size",
+            "8",
+            "--epochs",
+            "3",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "1e8",
+            "--schedule",
+            "constant",
+        ],
+    ));
     assert!(
         stderr.contains("became") && stderr.contains("Try a lower --lr"),
         "{stderr}"
@@ -447,19 +410,12 @@ fn bad_freeze_spec_lists_the_valid_names() {
     let dir = tempdir();
     let data = toy(dir.path(), 4);
     for spec in ["encoder.3", "features.20-30"] {
-        let stderr = retrain_err([
-            "train",
-            "--weights",
-            fixture("mbv2_w025.pth").to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            dir.path().join("r").to_str().unwrap(),
-            "--freeze",
-            spec,
-            "--epochs",
-            "1",
-        ]);
+        let stderr = retrain_err(train_args(
+            "mbv2_w025.pth",
+            &data,
+            &dir.path().join("r"),
+            &["--freeze", spec, "--epochs", "1"],
+        ));
         assert!(
             stderr.contains("top-level modules: features, classifier"),
             "{stderr}"
@@ -476,23 +432,19 @@ fn ctrl_c_keeps_the_last_checkpoint_and_the_run_resumes() {
     let data = toy(dir.path(), 20);
     let run = dir.path().join("run");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_retrain"))
-        .args([
-            "train",
-            "--weights",
-            fixture("mbv2_w025.pth").to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-            "--image-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--epochs",
-            "200",
-            "--schedule",
-            "constant",
-        ])
+        .args(train_args(
+            "mbv2_w025.pth",
+            &data,
+            &run,
+            &[
+                "--batch-size",
+                "4",
+                "--epochs",
+                "200",
+                "--schedule",
+                "constant",
+            ],
+        ))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

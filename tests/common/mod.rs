@@ -109,6 +109,23 @@ pub fn lite0_checkpoint() -> Option<PathBuf> {
     None
 }
 
+/// A small toy dataset in `dir/toy` (classes visible in colour, shape and texture).
+pub fn toy(dir: &Path, per_class: usize) -> PathBuf {
+    let data = dir.join("toy");
+    retrain_ok([
+        "synth".as_ref(),
+        "--kind".as_ref(),
+        "toy".as_ref(),
+        "--out".as_ref(),
+        data.as_os_str(),
+        "--per-class".as_ref(),
+        per_class.to_string().as_ref(),
+        "--size".as_ref(),
+        "32".as_ref(),
+    ]);
+    data
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
