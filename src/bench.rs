@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{GradientsParams, SgdConfig, momentum::MomentumConfig};
+use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig, momentum::MomentumConfig};
 use burn::prelude::*;
 use serde::Serialize;
 
@@ -39,6 +39,15 @@ pub struct BenchResult {
     /// Seconds for the whole workload (head).
     pub seconds: Option<f64>,
     pub peak_memory_mib: f64,
+}
+
+/// SGD with PyTorch's momentum 0.9 (no dampening), as tools/bench_torch.py uses.
+fn sgd_momentum() -> ModuleOptimizer {
+    SgdConfig::new()
+        .with_momentum(Some(
+            MomentumConfig::new().with_momentum(0.9).with_dampening(0.0),
+        ))
+        .init()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -102,11 +111,7 @@ pub fn run(
                 let set = freeze::parse_spec(default_partial(arch), &spec, &model)?;
                 model = freeze::apply(model, &set, FrozenBn::Eval);
             }
-            let mut optim = SgdConfig::new()
-                .with_momentum(Some(
-                    MomentumConfig::new().with_momentum(0.9).with_dampening(0.0),
-                ))
-                .init();
+            let mut optim = sgd_momentum();
             let ce = CrossEntropyLossConfig::new().init(&ad);
             let x = random_batch(batch, size, &ad);
             let y = labels(batch, classes, &ad);
@@ -117,7 +122,7 @@ pub fn run(
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 let model: Model = optim.step(0.01, model, grads);
                 // Wait for the step to finish before the clock stops.
-                let _ = crate::cli::to_vec(loss_sync(&model));
+                let _ = crate::cli::to_vec(head_probe(&model));
                 slot = Some(model);
             });
             images_per_second = Some(batch as f64 / median(times));
@@ -136,11 +141,7 @@ pub fn run(
                 )?);
             }
             let dim = features.len() / images;
-            let mut optim = SgdConfig::new()
-                .with_momentum(Some(
-                    MomentumConfig::new().with_momentum(0.9).with_dampening(0.0),
-                ))
-                .init();
+            let mut optim = sgd_momentum();
             let ce = CrossEntropyLossConfig::new().init(&ad);
             for _ in 0..epochs {
                 for chunk in features.chunks(batch * dim) {
@@ -151,7 +152,7 @@ pub fn run(
                     model = optim.step(0.01, model, grads);
                 }
             }
-            let _ = crate::cli::to_vec(loss_sync(&model));
+            let _ = crate::cli::to_vec(head_probe(&model));
             seconds = Some(t.elapsed().as_secs_f64());
         }
     }
@@ -168,12 +169,13 @@ pub fn run(
     })
 }
 
-/// A small read of the head's weights, which waits for queued work on them.
-fn loss_sync(model: &Model) -> Tensor<1> {
-    let linear = match model {
-        Model::MobileNetV2(m) => m.head(),
-        Model::ResNet(m) => &m.fc,
-        Model::EfficientNetLite(m) => &m._fc,
-    };
-    linear.weight.val().inner().slice([0..1, 0..1]).reshape([1])
+/// One element of the head's weights: reading it waits for the queued step to finish.
+fn head_probe(model: &Model) -> Tensor<1> {
+    model
+        .head()
+        .weight
+        .val()
+        .inner()
+        .slice([0..1, 0..1])
+        .reshape([1])
 }

@@ -16,10 +16,10 @@ use crate::export::export;
 use crate::load::{LoadOptions, Loaded, load_pretrained, read_input};
 use crate::models::{Arch, ModelSpec, describe, detect};
 use crate::modules::{group, named_modules, render};
-use crate::output::{write_atomic, write_json, write_safetensors};
+use crate::output::{read_json, write_atomic, write_json, write_safetensors};
 use crate::report::plot_confusion;
 use crate::synth;
-use crate::train::{RunConfig, TrainOptions, read_json, train};
+use crate::train::{RunConfig, TrainOptions, train};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -7,9 +7,10 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::models::Arch;
+use crate::output::read_json;
 use crate::output::{write_atomic, write_json};
 use crate::report::{Curves, plot_curves, regime_color};
-use crate::train::{EpochMetrics, RunSummary, TrainOptions, peak_memory_mib, read_json, train};
+use crate::train::{EpochMetrics, RunSummary, TrainOptions, peak_memory_mib, train};
 
 /// One regime of a comparison.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

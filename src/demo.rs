@@ -9,8 +9,9 @@ use crate::compare::{compare, parse_regimes};
 use crate::evaluate::load_run;
 use crate::export::export;
 use crate::models::Arch;
+use crate::output::read_json;
 use crate::synth::{Kind, write_dataset};
-use crate::train::{TrainOptions, read_json, train};
+use crate::train::{TrainOptions, train};
 
 /// Options of a default training run, as the CLI would give them.
 fn options(data: &Path, epochs: usize) -> TrainOptions {

@@ -12,7 +12,8 @@ use crate::checkpoint;
 use crate::data::{self, Entry, ImageSet, Split, Transform};
 use crate::load::apply_state_dict;
 use crate::models::Model;
-use crate::train::{RunConfig, read_json};
+use crate::output::read_json;
+use crate::train::RunConfig;
 
 /// A run's network with its best weights (or the last ones if no best was saved).
 pub fn load_run(run: &Path, device: &Device) -> anyhow::Result<(Model, RunConfig)> {

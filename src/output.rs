@@ -76,6 +76,11 @@ pub fn write_weights(path: &Path, model: &Model) -> anyhow::Result<()> {
     write_atomic(path, &serialize_safetensors(path, &raw)?)
 }
 
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{}: not valid", path.display()))
+}
+
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');

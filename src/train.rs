@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use burn::module::{Module, ParamId};
-use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{
     AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig, decay::WeightDecayConfig,
     momentum::MomentumConfig,
@@ -23,7 +23,7 @@ use crate::data::{self, ImageSet, Split, Transform};
 use crate::freeze::{self, FreezeSet, FrozenBn};
 use crate::load::{LoadOptions, LoadReport, load_pretrained, torch_tensors};
 use crate::models::{Arch, Model, ModelSpec, PretrainedConfig};
-use crate::output::{write_atomic, write_json, write_weights};
+use crate::output::{read_json, write_atomic, write_json, write_weights};
 use crate::preprocess::Preprocess;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -341,6 +341,11 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
     let loss_weights = options
         .class_weights
         .map(|_| inverse_frequency(&train_set.labels, num_classes));
+    let smoothing = (options.label_smoothing > 0.0).then_some(options.label_smoothing);
+    let criterion = CrossEntropyLossConfig::new()
+        .with_smoothing(smoothing)
+        .with_weights(loss_weights)
+        .init(&device);
 
     let mut cache: Option<FeatureCache> = None;
     let steps_per_epoch = train_set.len().div_ceil(options.batch_size).max(1);
@@ -374,7 +379,7 @@ pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
             options,
             epoch,
             steps_per_epoch,
-            loss_weights: loss_weights.clone(),
+            criterion: &criterion,
             head_ids: &head_ids,
             device: &device,
         };
@@ -579,11 +584,7 @@ impl Optimizers {
 }
 
 fn head_param_ids(model: &Model) -> Vec<ParamId> {
-    let linear = match model {
-        Model::MobileNetV2(m) => m.head(),
-        Model::ResNet(m) => &m.fc,
-        Model::EfficientNetLite(m) => &m._fc,
-    };
+    let linear = model.head();
     let mut ids = vec![linear.weight.id];
     ids.extend(linear.bias.as_ref().map(|b| b.id));
     ids
@@ -625,7 +626,7 @@ struct StepContext<'a> {
     options: &'a TrainOptions,
     epoch: usize,
     steps_per_epoch: usize,
-    loss_weights: Option<Vec<f32>>,
+    criterion: &'a CrossEntropyLoss,
     head_ids: &'a [ParamId],
     device: &'a Device,
 }
@@ -639,14 +640,8 @@ impl StepContext<'_> {
             ),
             self.device,
         );
-        let smoothing =
-            (self.options.label_smoothing > 0.0).then_some(self.options.label_smoothing);
-        let ce = CrossEntropyLossConfig::new()
-            .with_smoothing(smoothing)
-            .with_weights(self.loss_weights.clone())
-            .init(self.device);
         let correct = count_correct(&logits, labels)?;
-        let loss = ce.forward(logits, targets);
+        let loss = self.criterion.forward(logits, targets);
         let value: f64 = loss.clone().into_scalar::<f32>() as f64;
         if !value.is_finite() {
             bail!(
@@ -1034,11 +1029,6 @@ fn save_last(
     std::fs::rename(&tmp, &last).with_context(|| format!("{}: cannot rename", last.display()))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
-}
-
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| format!("{}: not valid", path.display()))
 }
 
 /// Peak resident memory of this process (VmHWM), in MiB; 0 where /proc is unavailable.

@@ -302,6 +302,15 @@ impl Model {
         model
     }
 
+    /// The classifier's Linear layer (the head that `--num-classes` replaces).
+    pub fn head(&self) -> &burn::nn::Linear {
+        match self {
+            Model::MobileNetV2(m) => m.head(),
+            Model::ResNet(m) => &m.fc,
+            Model::EfficientNetLite(m) => &m._fc,
+        }
+    }
+
     /// Feature maps before pooling, `[N, D, h, w]`.
     pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
         match self {
