@@ -18,6 +18,7 @@ pub mod demo;
 pub mod evaluate;
 pub mod export;
 pub mod freeze;
+pub mod kernels;
 pub mod load;
 pub mod models;
 pub mod modules;

@@ -15,8 +15,8 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{Dropout, Linear};
 
 use super::batch_norm::BatchNorm;
+use crate::kernels::{conv2d, relu6};
 use burn::prelude::*;
-use burn::tensor::activation::relu6;
 
 use super::layers::{ConvSpec, dropout, global_avg_pool, head};
 
@@ -95,10 +95,10 @@ impl MbConv {
     fn forward(&self, input: Tensor<4>) -> Tensor<4> {
         let mut x = input.clone();
         if let (Some(conv), Some(bn)) = (&self._expand_conv, &self._bn0) {
-            x = relu6(bn.forward(conv.forward(x)));
+            x = relu6(bn.forward(conv2d(conv, x)));
         }
-        x = relu6(self._bn1.forward(self._depthwise_conv.forward(x)));
-        x = self._bn2.forward(self._project_conv.forward(x));
+        x = relu6(self._bn1.forward(conv2d(&self._depthwise_conv, x)));
+        x = self._bn2.forward(conv2d(&self._project_conv, x));
         if self.skip { x + input } else { x }
     }
 }

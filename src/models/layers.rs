@@ -13,6 +13,7 @@ use burn::nn::pool::MaxPool2d;
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, PaddingConfig2d, Relu};
 
 use super::batch_norm::BatchNorm;
+use crate::kernels;
 use burn::prelude::*;
 
 /// One child of a PyTorch `nn.Sequential`.
@@ -32,10 +33,10 @@ pub enum Layer {
 impl Layer {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match self {
-            Layer::Conv2d(m) => m.forward(x),
+            Layer::Conv2d(m) => kernels::conv2d(m, x),
             Layer::BatchNorm2d(m) => m.forward(x),
             Layer::ReLU(m) => m.forward(x),
-            Layer::ReLU6(m) => m.forward(x),
+            Layer::ReLU6(_) => kernels::relu6(x),
             Layer::MaxPool2d(m) => m.forward(x),
             Layer::Dropout(m) => m.forward(x),
             Layer::Sequential(layers) => sequential(layers, x),
@@ -49,7 +50,7 @@ impl Layer {
             Layer::Linear(m) => m.forward(x),
             Layer::Dropout(m) => m.forward(x),
             Layer::ReLU(m) => m.forward(x),
-            Layer::ReLU6(m) => m.forward(x),
+            Layer::ReLU6(_) => kernels::relu6(x),
             other => panic!("{other:?} takes a 4-D input"),
         }
     }

@@ -7,6 +7,7 @@ use burn::nn::pool::MaxPool2dConfig;
 use burn::nn::{Linear, PaddingConfig2d};
 
 use super::batch_norm::BatchNorm;
+use crate::kernels::conv2d;
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
@@ -87,8 +88,8 @@ impl BasicBlock {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = shortcut(&self.downsample, x.clone());
-        let y = relu(self.bn1.forward(self.conv1.forward(x)));
-        let y = self.bn2.forward(self.conv2.forward(y));
+        let y = relu(self.bn1.forward(conv2d(&self.conv1, x)));
+        let y = self.bn2.forward(conv2d(&self.conv2, y));
         relu(y + identity)
     }
 }
@@ -120,9 +121,9 @@ impl Bottleneck {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = shortcut(&self.downsample, x.clone());
-        let y = relu(self.bn1.forward(self.conv1.forward(x)));
-        let y = relu(self.bn2.forward(self.conv2.forward(y)));
-        let y = self.bn3.forward(self.conv3.forward(y));
+        let y = relu(self.bn1.forward(conv2d(&self.conv1, x)));
+        let y = relu(self.bn2.forward(conv2d(&self.conv2, y)));
+        let y = self.bn3.forward(conv2d(&self.conv3, y));
         relu(y + identity)
     }
 }
@@ -237,7 +238,7 @@ impl ResNet {
     pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
         let x = self
             .maxpool
-            .forward(relu(self.bn1.forward(self.conv1.forward(x))));
+            .forward(relu(self.bn1.forward(conv2d(&self.conv1, x))));
         [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
             .into_iter()
             .flatten()

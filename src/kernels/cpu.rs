@@ -1,0 +1,454 @@
+//! The f32 CPU kernels behind [`super::Kernels`] on burn-flex, on plain NCHW slices.
+//!
+//! burn-flex has fast forward convolutions but no convolution backward of its own: its
+//! input gradient goes through a generic transposed convolution and a depthwise weight
+//! gradient runs one small convolution per channel. These are the two backward passes that
+//! dominate a MobileNet or ResNet training step, written directly: depthwise as loops over
+//! one plane at a time, dense as im2col and two GEMMs per image (the `gemm` crate, which
+//! burn-flex itself uses). Work is split over images and planes with rayon.
+
+use burn::backend::ops::ConvOptions;
+use gemm::Parallelism;
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+/// Shapes of one 2-D convolution that these kernels handle: dilation 1, and either dense
+/// (`groups == 1`) or depthwise (one filter per channel).
+#[derive(Debug, Clone, Copy)]
+pub struct ConvGeometry {
+    pub batch: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub depthwise: bool,
+}
+
+impl ConvGeometry {
+    /// `None` for a convolution these kernels do not cover (dilation, other groupings).
+    pub fn new(x: [usize; 4], weight: [usize; 4], options: &ConvOptions<2>) -> Option<Self> {
+        let [batch, cin, h, w] = x;
+        let [cout, cin_per_group, kh, kw] = weight;
+        if options.dilation != [1, 1] {
+            return None;
+        }
+        let depthwise =
+            options.groups > 1 && options.groups == cin && cout == cin && cin_per_group == 1;
+        if !depthwise && (options.groups != 1 || cin_per_group != cin) {
+            return None;
+        }
+        let [(pad_top, pad_bottom), (pad_left, pad_right)] = options.padding;
+        let [sh, sw] = options.stride;
+        let padded_h = h + pad_top + pad_bottom;
+        let padded_w = w + pad_left + pad_right;
+        if padded_h < kh || padded_w < kw || sh == 0 || sw == 0 {
+            return None;
+        }
+        Some(Self {
+            batch,
+            cin,
+            cout,
+            h,
+            w,
+            kh,
+            kw,
+            sh,
+            sw,
+            pad_top,
+            pad_left,
+            oh: (padded_h - kh) / sh + 1,
+            ow: (padded_w - kw) / sw + 1,
+            depthwise,
+        })
+    }
+
+    pub fn output_shape(&self) -> [usize; 4] {
+        [self.batch, self.cout, self.oh, self.ow]
+    }
+
+    fn in_plane(&self) -> usize {
+        self.h * self.w
+    }
+
+    fn out_plane(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// Rows of the im2col matrix: one per (input channel, kernel row, kernel column).
+    fn patch_len(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+
+    /// A 1x1 stride-1 unpadded convolution is a plain matrix product per image.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1
+            && self.kw == 1
+            && self.sh == 1
+            && self.sw == 1
+            && self.pad_top == 0
+            && self.pad_left == 0
+            && self.oh == self.h
+            && self.ow == self.w
+    }
+
+    /// The input row feeding output row `oy` through kernel row `ky`, if inside the image.
+    fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy * self.sh + ky)
+            .checked_sub(self.pad_top)
+            .filter(|&iy| iy < self.h)
+    }
+
+    /// For kernel column `kx`: the output columns `lo..hi` whose input column
+    /// `ox * sw + kx - pad_left` lies inside the image, and that input column for `lo`.
+    fn column_span(&self, kx: usize) -> (usize, usize, usize) {
+        let shift = self.pad_left as isize - kx as isize;
+        let sw = self.sw as isize;
+        // Smallest ox with ox * sw >= shift, largest with ox * sw - shift <= w - 1.
+        let lo = if shift > 0 { (shift + sw - 1) / sw } else { 0 } as usize;
+        let hi =
+            ((self.w as isize - 1 + shift).div_euclid(sw) + 1).clamp(0, self.ow as isize) as usize;
+        if lo >= hi {
+            return (0, 0, 0);
+        }
+        (lo, hi, (lo as isize * sw - shift) as usize)
+    }
+}
+
+/// Sum of products with sixteen independent accumulators, so the compiler vectorises it.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = a.len() / 16 * 16;
+    for (ca, cb) in a[..chunks]
+        .chunks_exact(16)
+        .zip(b[..chunks].chunks_exact(16))
+    {
+        for i in 0..16 {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let tail: f32 = a[chunks..]
+        .iter()
+        .zip(&b[chunks..])
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Depthwise input gradient.
+pub fn depthwise_backward_input(g: &ConvGeometry, weight: &[f32], grad: &[f32]) -> Vec<f32> {
+    let (kk, planes) = (g.kh * g.kw, g.cin);
+    let mut dx = vec![0f32; g.batch * planes * g.in_plane()];
+    dx.par_chunks_mut(g.in_plane())
+        .zip(grad.par_chunks(g.out_plane()))
+        .enumerate()
+        .for_each(|(p, (dx, dy))| {
+            let w = &weight[(p % planes) * kk..][..kk];
+            depthwise_plane_input_grad(g, w, dy, dx);
+        });
+    dx
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn depthwise_plane_input_grad(g: &ConvGeometry, w: &[f32], dy: &[f32], dx: &mut [f32]) {
+    for oy in 0..g.oh {
+        let dy_row = &dy[oy * g.ow..][..g.ow];
+        for ky in 0..g.kh {
+            let Some(iy) = g.input_row(oy, ky) else {
+                continue;
+            };
+            let dx_row = &mut dx[iy * g.w..][..g.w];
+            for kx in 0..g.kw {
+                let wv = w[ky * g.kw + kx];
+                let (lo, hi, ix) = g.column_span(kx);
+                if g.sw == 1 {
+                    for (d, o) in dx_row[ix..].iter_mut().zip(&dy_row[lo..hi]) {
+                        *d += wv * o;
+                    }
+                } else {
+                    let targets = dx_row[ix..].iter_mut().step_by(g.sw);
+                    for (d, o) in targets.zip(&dy_row[lo..hi]) {
+                        *d += wv * o;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Depthwise weight gradient: per plane partial sums, then a sum over the batch.
+pub fn depthwise_backward_weight(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    let (kk, planes) = (g.kh * g.kw, g.cin);
+    let mut partial = vec![0f32; g.batch * planes * kk];
+    partial
+        .par_chunks_mut(kk)
+        .zip(x.par_chunks(g.in_plane()))
+        .zip(grad.par_chunks(g.out_plane()))
+        .for_each_init(Vec::new, |gathered, ((dw, x), dy)| {
+            depthwise_plane_weight_grad(g, x, dy, dw, gathered);
+        });
+    let mut dw = vec![0f32; planes * kk];
+    for image in partial.chunks_exact(planes * kk) {
+        for (d, p) in dw.iter_mut().zip(image) {
+            *d += p;
+        }
+    }
+    dw
+}
+
+/// `gathered` is scratch space for the strided input columns of a stride-2 convolution.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn depthwise_plane_weight_grad(
+    g: &ConvGeometry,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    gathered: &mut Vec<f32>,
+) {
+    for oy in 0..g.oh {
+        let dy_row = &dy[oy * g.ow..][..g.ow];
+        for ky in 0..g.kh {
+            let Some(iy) = g.input_row(oy, ky) else {
+                continue;
+            };
+            let x_row = &x[iy * g.w..][..g.w];
+            for kx in 0..g.kw {
+                let (lo, hi, ix) = g.column_span(kx);
+                let n = hi - lo;
+                dw[ky * g.kw + kx] += if g.sw == 1 {
+                    dot(&dy_row[lo..hi], &x_row[ix..ix + n])
+                } else {
+                    gathered.clear();
+                    gathered.extend(x_row[ix..].iter().step_by(g.sw).take(n));
+                    dot(&dy_row[lo..hi], gathered)
+                };
+            }
+        }
+    }
+}
+
+/// A row-major or transposed view of a matrix for [`matmul`].
+#[derive(Clone, Copy)]
+struct MatRef<'a> {
+    data: &'a [f32],
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<'a> MatRef<'a> {
+    fn rows(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: cols as isize,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with `cols` columns.
+    fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: 1,
+            col_stride: cols as isize,
+        }
+    }
+}
+
+/// `out[m, n] (+)= a[m, k] * b[k, n]`, `out` row-major, single-threaded (callers split work
+/// over images).
+fn matmul(
+    out: &mut [f32],
+    a: MatRef,
+    b: MatRef,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    assert!(out.len() >= m * n);
+    let last = |r: MatRef, rows: usize, cols: usize| {
+        (rows.max(1) - 1) as isize * r.row_stride + (cols.max(1) - 1) as isize * r.col_stride
+    };
+    assert!((last(a, m, k) as usize) < a.data.len().max(1));
+    assert!((last(b, k, n) as usize) < b.data.len().max(1));
+    // SAFETY: the asserts above keep every element gemm touches inside the three slices,
+    // and `out` is borrowed mutably so it cannot alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride,
+            a.row_stride,
+            b.data.as_ptr(),
+            b.col_stride,
+            b.row_stride,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+/// Unfold one image `[cin, h, w]` into `[cin * kh * kw, oh * ow]`.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn im2col(g: &ConvGeometry, x: &[f32], cols: &mut [f32]) {
+    let p = g.out_plane();
+    for c in 0..g.cin {
+        let plane = &x[c * g.in_plane()..][..g.in_plane()];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &mut cols[((c * g.kh + ky) * g.kw + kx) * p..][..p];
+                let (lo, hi, ix) = g.column_span(kx);
+                for oy in 0..g.oh {
+                    let out = &mut row[oy * g.ow..][..g.ow];
+                    let Some(iy) = g.input_row(oy, ky) else {
+                        out.fill(0.0);
+                        continue;
+                    };
+                    let src = &plane[iy * g.w..][..g.w];
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    for (o, s) in out[lo..hi].iter_mut().zip(src[ix..].iter().step_by(g.sw)) {
+                        *o = *s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Fold `[cin * kh * kw, oh * ow]` back onto one image `[cin, h, w]`, summing overlaps.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn col2im(g: &ConvGeometry, cols: &[f32], x: &mut [f32]) {
+    let p = g.out_plane();
+    x.fill(0.0);
+    for c in 0..g.cin {
+        let plane = &mut x[c * g.in_plane()..][..g.in_plane()];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &cols[((c * g.kh + ky) * g.kw + kx) * p..][..p];
+                let (lo, hi, ix) = g.column_span(kx);
+                for oy in 0..g.oh {
+                    let Some(iy) = g.input_row(oy, ky) else {
+                        continue;
+                    };
+                    let dst = &mut plane[iy * g.w..][..g.w];
+                    for (d, s) in dst[ix..]
+                        .iter_mut()
+                        .step_by(g.sw)
+                        .zip(&row[oy * g.ow + lo..oy * g.ow + hi])
+                    {
+                        *d += s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Dense input gradient: per image, `W^T [K, cout] * dY [cout, P]`, folded back with col2im.
+pub fn dense_backward_input(g: &ConvGeometry, weight: &[f32], grad: &[f32]) -> Vec<f32> {
+    let (k, p) = (g.patch_len(), g.out_plane());
+    let mut dx = vec![0f32; g.batch * g.cin * g.in_plane()];
+    let w_t = MatRef::transposed(weight, k);
+    dx.par_chunks_mut(g.cin * g.in_plane())
+        .zip(grad.par_chunks(g.cout * p))
+        .for_each_init(Vec::new, |cols, (dx, dy)| {
+            let dy = MatRef::rows(dy, p);
+            if g.is_pointwise() {
+                matmul(dx, w_t, dy, (k, p, g.cout), false);
+            } else {
+                cols.resize(k * p, 0.0);
+                matmul(cols, w_t, dy, (k, p, g.cout), false);
+                col2im(g, cols, dx);
+            }
+        });
+    dx
+}
+
+/// Dense weight gradient: `sum over images of dY [cout, P] * cols^T [P, K]`.
+pub fn dense_backward_weight(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    let (k, p) = (g.patch_len(), g.out_plane());
+    let per_image = |(dw, cols): (Vec<f32>, Vec<f32>), (x, dy): (&[f32], &[f32])| {
+        let (mut dw, mut cols) = (dw, cols);
+        if dw.is_empty() {
+            dw = vec![0f32; g.cout * k];
+        }
+        let dy = MatRef::rows(dy, p);
+        if g.is_pointwise() {
+            matmul(&mut dw, dy, MatRef::transposed(x, p), (g.cout, k, p), true);
+        } else {
+            cols.resize(k * p, 0.0);
+            im2col(g, x, &mut cols);
+            matmul(
+                &mut dw,
+                dy,
+                MatRef::transposed(&cols, p),
+                (g.cout, k, p),
+                true,
+            );
+        }
+        (dw, cols)
+    };
+    x.par_chunks(g.cin * g.in_plane())
+        .zip(grad.par_chunks(g.cout * p))
+        .fold(|| (Vec::new(), Vec::new()), per_image)
+        .map(|(dw, _)| dw)
+        .reduce(Vec::new, |a, b| match (a.is_empty(), b.is_empty()) {
+            (true, _) => b,
+            (_, true) => a,
+            _ => a.iter().zip(&b).map(|(x, y)| x + y).collect(),
+        })
+}
+
+/// `min(max(x, 0), 6)`, NaN kept as NaN (as PyTorch).
+pub fn relu6_in_place(x: &mut [f32]) {
+    x.par_chunks_mut(1 << 14)
+        .for_each(|c| c.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)));
+}
+
+/// The gradient passes where the output is strictly inside (0, 6), as PyTorch's hardtanh.
+pub fn relu6_backward(output: &[f32], grad: &[f32]) -> Vec<f32> {
+    let mut dx = grad.to_vec();
+    dx.par_chunks_mut(1 << 14)
+        .zip(output.par_chunks(1 << 14))
+        .for_each(|(d, y)| {
+            for (d, &y) in d.iter_mut().zip(y) {
+                if !(y > 0.0 && y < 6.0) {
+                    *d = 0.0;
+                }
+            }
+        });
+    dx
+}

@@ -1,0 +1,447 @@
+//! Native CPU kernels for the operations that dominate training, plugged into burn through
+//! its backend-extension mechanism with hand-written backward passes.
+//!
+//! [`Kernels`] is a backend extension: burn routes a call to the implementation for the
+//! tensor's backend, `Flex` for plain CPU tensors and `Autodiff<Flex>` while training,
+//! where the backward pass is registered by hand. Models call [`conv2d`] and [`relu6`];
+//! on any other device (wgpu) those fall back to burn's own operations.
+
+mod cpu;
+
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::ops::{BoolTensorOps, ConvOptions, FloatTensorOps, ModuleOps};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::prelude::*;
+use burn::tensor::{BoolStore, DType};
+
+pub use cpu::ConvGeometry;
+
+/// Operations with native CPU kernels (see the module documentation).
+#[backend_extension(Flex, Autodiff)]
+pub trait Kernels: Backend {
+    /// A bias-free 2-D convolution: burn-flex's forward, the native backward.
+    fn conv2d_native(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self>;
+
+    /// The same with a bias (the inference-time convolutions with BatchNorm folded in).
+    fn conv2d_native_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self>;
+
+    /// `min(max(x, 0), 6)` in one pass; its backward needs only the output.
+    fn relu6_native(x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// A contiguous f32 copy of a flex tensor's data (no copy when it already is), or `None`
+/// for other dtypes, which take burn's generic path.
+fn f32_view(t: &FlexTensor) -> Option<FlexTensor> {
+    (t.dtype() == DType::F32).then(|| t.to_contiguous())
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous f32 tensor")
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let shape = t.shape();
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+fn flex_tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+/// Native geometry and contiguous f32 operands, when the kernels cover this convolution.
+fn native_operands(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    options: &ConvOptions<2>,
+) -> Option<(ConvGeometry, FlexTensor, FlexTensor)> {
+    let geometry = ConvGeometry::new(dims4(x), dims4(weight), options)?;
+    Some((geometry, f32_view(x)?, f32_view(weight)?))
+}
+
+impl Kernels for Flex {
+    /// burn-flex's forward (im2col + gemm, with 1x1 and depthwise fast paths) is kept.
+    fn conv2d_native(x: FlexTensor, weight: FlexTensor, options: ConvOptions<2>) -> FlexTensor {
+        Flex::conv2d(x, weight, None, options)
+    }
+
+    fn conv2d_native_bias(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        options: ConvOptions<2>,
+    ) -> FlexTensor {
+        Flex::conv2d(x, weight, Some(bias), options)
+    }
+
+    fn relu6_native(mut x: FlexTensor) -> FlexTensor {
+        if x.dtype() != DType::F32 {
+            return Flex::float_clamp(x, 0f32.into(), 6f32.into());
+        }
+        // In place when this tensor owns its whole buffer (the usual case in a forward pass).
+        if x.is_unique() && x.layout().is_dense_unique_storage() {
+            let (start, len) = (x.layout().start_offset(), x.layout().num_elements());
+            cpu::relu6_in_place(&mut x.storage_mut::<f32>()[start..start + len]);
+            return x;
+        }
+        let mut y = slice(&x.to_contiguous()).to_vec();
+        cpu::relu6_in_place(&mut y);
+        flex_tensor(y, x.shape().to_vec())
+    }
+}
+
+/// Input gradient of a convolution, native where [`ConvGeometry`] covers it.
+fn conv_input_grad(
+    x_shape: [usize; 4],
+    weight: &FlexTensor,
+    grad: FlexTensor,
+    options: &ConvOptions<2>,
+) -> FlexTensor {
+    let native = ConvGeometry::new(x_shape, dims4(weight), options)
+        .zip(f32_view(weight))
+        .zip(f32_view(&grad));
+    match native {
+        Some(((g, w), dy)) => {
+            let dx = if g.depthwise {
+                cpu::depthwise_backward_input(&g, slice(&w), slice(&dy))
+            } else {
+                cpu::dense_backward_input(&g, slice(&w), slice(&dy))
+            };
+            flex_tensor(dx, x_shape.to_vec())
+        }
+        None => {
+            let x = FlexTensor::zeros(x_shape.to_vec().into(), weight.dtype());
+            Flex::conv2d_x_backward(x, weight.clone(), grad, options.clone())
+        }
+    }
+}
+
+/// Weight gradient of a convolution, native where [`ConvGeometry`] covers it.
+fn conv_weight_grad(
+    x: FlexTensor,
+    weight: &FlexTensor,
+    grad: &FlexTensor,
+    options: &ConvOptions<2>,
+) -> FlexTensor {
+    match native_operands(&x, weight, options).zip(f32_view(grad)) {
+        Some(((g, x, _), dy)) => {
+            let dw = if g.depthwise {
+                cpu::depthwise_backward_weight(&g, slice(&x), slice(&dy))
+            } else {
+                cpu::dense_backward_weight(&g, slice(&x), slice(&dy))
+            };
+            flex_tensor(dw, weight.shape().to_vec())
+        }
+        None => Flex::conv2d_weight_backward(x, weight.clone(), grad.clone(), options.clone()),
+    }
+}
+
+#[derive(Debug)]
+struct Conv2dBackward;
+
+/// What the backward pass keeps: the input (for the weight gradient) and the weight (for
+/// the input gradient).
+#[derive(Debug, Clone)]
+struct Conv2dState {
+    x: FlexTensor,
+    weight: FlexTensor,
+    options: ConvOptions<2>,
+}
+
+impl Backward<Flex, 2> for Conv2dBackward {
+    type State = Conv2dState;
+
+    fn backward(self, ops: Ops<Conv2dState, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_weight] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let state = ops.state;
+        let x_shape = dims4(&state.x);
+        if let Some(node) = node_weight {
+            let dw = conv_weight_grad(state.x, &state.weight, &grad, &state.options);
+            grads.register::<Flex>(node.id, dw);
+        }
+        if let Some(node) = node_x {
+            let dx = conv_input_grad(x_shape, &state.weight, grad, &state.options);
+            grads.register::<Flex>(node.id, dx);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Relu6Backward;
+
+impl Backward<Flex, 1> for Relu6Backward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let Some(node) = node else { return };
+        let output = ops.state;
+        let dx = match f32_view(&output).zip(f32_view(&grad)) {
+            Some((y, dy)) => flex_tensor(
+                cpu::relu6_backward(slice(&y), slice(&dy)),
+                y.shape().to_vec(),
+            ),
+            None => {
+                let inside = Flex::float_lower_elem(output.clone(), 6f32.into(), BoolStore::Native);
+                let positive = Flex::float_greater_elem(output, 0f32.into(), BoolStore::Native);
+                let keep = Flex::bool_and(inside, positive);
+                Flex::float_mask_fill(grad, Flex::bool_not(keep), 0f32.into())
+            }
+        };
+        grads.register::<Flex>(node.id, dx);
+    }
+}
+
+impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
+    /// Differentiated as the bias-free convolution plus burn's own broadcast addition.
+    fn conv2d_native_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        let channels = bias.shape()[0];
+        let y = Self::conv2d_native(x, weight, options);
+        Self::float_add(y, Self::float_reshape(bias, [1, channels, 1, 1].into()))
+    }
+
+    fn conv2d_native(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        match Conv2dBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, weight) = (x.into_primitive(), weight.into_primitive());
+                let y = Flex::conv2d(x.clone(), weight.clone(), None, options.clone());
+                let state = Conv2dState { x, weight, options };
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::conv2d(
+                x.into_primitive(),
+                weight.into_primitive(),
+                None,
+                options,
+            )),
+        }
+    }
+
+    fn relu6_native(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match Relu6Backward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = Flex::relu6_native(x.into_primitive());
+                prep.finish(y.clone(), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::relu6_native(x.into_primitive())),
+        }
+    }
+}
+
+/// Whether tensors on this device run on burn-flex, where the native kernels apply.
+fn on_flex(device: &Device) -> bool {
+    matches!(
+        device.as_dispatch().clone().inner(),
+        DispatchDevice::Flex(_)
+    )
+}
+
+/// `conv.forward(x)` through the native kernels on the CPU.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let PaddingConfig2d::Explicit(top, left, bottom, right) = conv.padding else {
+        return conv.forward(x);
+    };
+    if !on_flex(&x.device()) {
+        return conv.forward(x);
+    }
+    let options = ConvOptions::new_with_padding(
+        conv.stride,
+        [(top, bottom), (left, right)],
+        conv.dilation,
+        conv.groups,
+    );
+    let bias = conv.bias.as_ref().map(|b| b.val());
+    conv2d_flex(x, conv.weight.val(), bias, options)
+}
+
+/// A convolution of tensors on a flex device through [`Kernels`].
+fn conv2d_flex(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    let (x, weight) = (x.into_dispatch(), weight.into_dispatch());
+    Tensor::from_dispatch(match bias {
+        Some(bias) => {
+            <Dispatch as Kernels>::conv2d_native_bias(x, weight, bias.into_dispatch(), options)
+        }
+        None => <Dispatch as Kernels>::conv2d_native(x, weight, options),
+    })
+}
+
+/// ReLU6 through the native kernel on the CPU.
+pub fn relu6<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !on_flex(&x.device()) {
+        return burn::tensor::activation::relu6(x);
+    }
+    Tensor::from_dispatch(<Dispatch as Kernels>::relu6_native(x.into_dispatch()))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Gradient checks: each native kernel against burn's generic implementation, forward
+    //! and both gradients, on random inputs of odd sizes.
+
+    use super::*;
+    use burn::tensor::Distribution;
+    use burn::tensor::module::conv2d as generic_conv2d;
+
+    /// `max |a - b| <= 1e-4 * max(1, max |b|)`.
+    fn assert_close(what: &str, ours: Tensor<4>, reference: Tensor<4>) {
+        assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
+        let scale = reference.clone().abs().max().into_scalar::<f32>().max(1.0);
+        let diff = (ours - reference).abs().max().into_scalar::<f32>();
+        assert!(
+            diff <= 1e-4 * scale,
+            "{what}: max diff {diff} (scale {scale})"
+        );
+    }
+
+    struct Case {
+        name: &'static str,
+        x: [usize; 4],
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        /// (top, bottom, left, right)
+        padding: [usize; 4],
+        depthwise: bool,
+    }
+
+    fn check(case: &Case) {
+        let device = Device::flex().autodiff();
+        let [_, cin, _, _] = case.x;
+        let per_group = if case.depthwise { 1 } else { cin };
+        let groups = if case.depthwise { cin } else { 1 };
+        let w_shape = [case.cout, per_group, case.kernel, case.kernel];
+        let [t, b, l, r] = case.padding;
+        let options =
+            ConvOptions::new_with_padding([case.stride; 2], [(t, b), (l, r)], [1, 1], groups);
+        let geometry = ConvGeometry::new(case.x, w_shape, &options).expect("a native case");
+        assert_eq!(geometry.depthwise, case.depthwise, "{}", case.name);
+
+        let normal = Distribution::Normal(0.0, 1.0);
+        let x = Tensor::<4>::random(case.x, normal, &device);
+        let w = Tensor::<4>::random(w_shape, normal, &device);
+        let run = |native: bool| {
+            let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
+            let y = if native {
+                conv2d_flex(x.clone(), w.clone(), None, options.clone())
+            } else {
+                generic_conv2d(x.clone(), w.clone(), None, options.clone())
+            };
+            // A fixed random weighting so every output element gets its own gradient.
+            let seed_grad = Tensor::<4>::ones(y.dims(), &device).cumsum(3).sin();
+            let grads = (y.clone() * seed_grad).sum().backward();
+            (y, x.grad(&grads).unwrap(), w.grad(&grads).unwrap())
+        };
+        let (y, dx, dw) = run(true);
+        let (y_ref, dx_ref, dw_ref) = run(false);
+        assert_close(&format!("{} forward", case.name), y, y_ref);
+        assert_close(&format!("{} input grad", case.name), dx, dx_ref);
+        assert_close(&format!("{} weight grad", case.name), dw, dw_ref);
+    }
+
+    #[test]
+    fn depthwise_kernels_match_generic() {
+        let cases = [
+            ("3x3 s1", [3, 5, 7, 9], 3, 1, [1, 1, 1, 1]),
+            ("3x3 s2", [2, 5, 9, 7], 3, 2, [1, 1, 1, 1]),
+            ("5x5 s1", [2, 3, 11, 6], 5, 1, [2, 2, 2, 2]),
+            ("5x5 s2 SAME", [2, 3, 11, 10], 5, 2, [1, 2, 1, 2]),
+            ("3x3 s2 unpadded", [1, 4, 8, 5], 3, 2, [0, 0, 0, 0]),
+        ];
+        for (name, x, kernel, stride, padding) in cases {
+            let cout = x[1];
+            check(&Case {
+                name,
+                x,
+                cout,
+                kernel,
+                stride,
+                padding,
+                depthwise: true,
+            });
+        }
+    }
+
+    #[test]
+    fn dense_kernels_match_generic() {
+        let cases = [
+            ("1x1 s1 pointwise", [3, 6, 5, 7], 10, 1, 1, [0, 0, 0, 0]),
+            ("1x1 s2 downsample", [2, 6, 9, 7], 4, 1, 2, [0, 0, 0, 0]),
+            ("3x3 s2 stem", [2, 3, 13, 11], 8, 3, 2, [1, 1, 1, 1]),
+            ("3x3 s2 SAME stem", [2, 3, 12, 10], 5, 3, 2, [0, 1, 0, 1]),
+            ("3x3 s1", [2, 4, 7, 5], 6, 3, 1, [1, 1, 1, 1]),
+            ("7x7 s2", [1, 3, 15, 17], 4, 7, 2, [3, 3, 3, 3]),
+        ];
+        for (name, x, cout, kernel, stride, padding) in cases {
+            check(&Case {
+                name,
+                x,
+                cout,
+                kernel,
+                stride,
+                padding,
+                depthwise: false,
+            });
+        }
+    }
+
+    #[test]
+    fn relu6_matches_pytorch_hardtanh() {
+        let device = Device::flex().autodiff();
+        let values = [-3.0f32, -0.0, 0.0, 0.5, 5.9, 6.0, 7.5, 2.0, -1.0];
+        let x = Tensor::<1>::from_floats(values, &device).require_grad();
+        let y = relu6(x.clone());
+        let grads = (y.clone() * Tensor::arange(1..10, &device).float())
+            .sum()
+            .backward();
+        let dx: Vec<f32> = x
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let y: Vec<f32> = y.into_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(y, [0.0, 0.0, 0.0, 0.5, 5.9, 6.0, 6.0, 2.0, 0.0]);
+        // torch.nn.functional.relu6 backward: zero at and beyond both edges.
+        assert_eq!(dx, [0.0, 0.0, 0.0, 4.0, 5.0, 0.0, 0.0, 8.0, 0.0]);
+    }
+}
