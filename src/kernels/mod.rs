@@ -52,6 +52,18 @@ fn f32_view(t: &FlexTensor) -> Option<FlexTensor> {
     (t.dtype() == DType::F32).then(|| t.to_contiguous())
 }
 
+/// An f32 tensor that owns its whole buffer, contiguous from offset 0, so it can be
+/// written in place: the tensor itself when it already is, otherwise a copy.
+fn into_owned_f32(t: FlexTensor) -> FlexTensor {
+    let owned =
+        t.is_unique() && t.layout().is_dense_unique_storage() && t.layout().start_offset() == 0;
+    if owned {
+        t
+    } else {
+        flex_tensor(slice(&t.to_contiguous()).to_vec(), t.shape().to_vec())
+    }
+}
+
 fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor")
 }
@@ -90,19 +102,14 @@ impl Kernels for Flex {
         Flex::conv2d(x, weight, Some(bias), options)
     }
 
-    fn relu6_native(mut x: FlexTensor) -> FlexTensor {
+    fn relu6_native(x: FlexTensor) -> FlexTensor {
         if x.dtype() != DType::F32 {
             return Flex::float_clamp(x, 0f32.into(), 6f32.into());
         }
-        // In place when this tensor owns its whole buffer (the usual case in a forward pass).
-        if x.is_unique() && x.layout().is_dense_unique_storage() {
-            let (start, len) = (x.layout().start_offset(), x.layout().num_elements());
-            cpu::relu6_in_place(&mut x.storage_mut::<f32>()[start..start + len]);
-            return x;
-        }
-        let mut y = slice(&x.to_contiguous()).to_vec();
-        cpu::relu6_in_place(&mut y);
-        flex_tensor(y, x.shape().to_vec())
+        let mut y = into_owned_f32(x);
+        let len = y.layout().num_elements();
+        cpu::relu6_in_place(&mut y.storage_mut::<f32>()[..len]);
+        y
     }
 }
 
@@ -194,12 +201,14 @@ impl Backward<Flex, 1> for Relu6Backward {
         let grad = grads.consume::<Flex>(&ops.node);
         let Some(node) = node else { return };
         let output = ops.state;
-        let dx = match f32_view(&output).zip(f32_view(&grad)) {
-            Some((y, dy)) => flex_tensor(
-                cpu::relu6_backward(slice(&y), slice(&dy)),
-                y.shape().to_vec(),
-            ),
-            None => {
+        let dx = match f32_view(&output) {
+            Some(y) if grad.dtype() == DType::F32 => {
+                let mut dx = into_owned_f32(grad);
+                let len = dx.layout().num_elements();
+                cpu::relu6_backward_in_place(slice(&y), &mut dx.storage_mut::<f32>()[..len]);
+                dx
+            }
+            _ => {
                 let inside = Flex::float_lower_elem(output.clone(), 6f32.into(), BoolStore::Native);
                 let positive = Flex::float_greater_elem(output, 0f32.into(), BoolStore::Native);
                 let keep = Flex::bool_and(inside, positive);
