@@ -457,3 +457,179 @@ fn relu6_mask(output: &[f32], grad: &mut [f32]) {
         *d = if y > 0.0 && y < 6.0 { *d } else { 0.0 };
     }
 }
+
+/// `[batch, channels, inner]` view of a tensor of any rank >= 2, as BatchNorm sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelLayout {
+    pub batch: usize,
+    pub channels: usize,
+    pub inner: usize,
+}
+
+impl ChannelLayout {
+    pub fn new(shape: &[usize]) -> Self {
+        Self {
+            batch: shape[0],
+            channels: shape[1],
+            inner: shape[2..].iter().product(),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.batch * self.inner
+    }
+
+    /// The `inner`-long runs of channel `c`, one per image.
+    fn runs<'a>(&self, data: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> {
+        let (stride, inner) = (self.channels * self.inner, self.inner);
+        (0..self.batch).map(move |n| &data[n * stride + c * inner..][..inner])
+    }
+}
+
+/// Batch mean and biased variance per channel (two passes, accumulated in f64).
+pub fn batch_norm_stats(l: &ChannelLayout, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let count = l.count().max(1) as f64;
+    (0..l.channels)
+        .into_par_iter()
+        .map(|c| {
+            let sum: f64 = l.runs(x, c).map(|r| sum_f32(r) as f64).sum();
+            let mean = sum / count;
+            let squares: f64 = l
+                .runs(x, c)
+                .map(|r| centred_squares(r, mean as f32) as f64)
+                .sum();
+            (mean as f32, (squares / count) as f32)
+        })
+        .unzip()
+}
+
+/// `y = x * scale[c] + shift[c]`, written over `x`.
+pub fn scale_shift_in_place(l: &ChannelLayout, x: &mut [f32], scale: &[f32], shift: &[f32]) {
+    x.par_chunks_mut(l.inner).enumerate().for_each(|(i, run)| {
+        let c = i % l.channels;
+        affine(run, scale[c], shift[c]);
+    });
+}
+
+/// BatchNorm backward with batch statistics. Returns `(dgamma, dbeta)` and writes the
+/// input gradient over `grad`:
+/// `dx = gamma * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat))`.
+pub fn batch_norm_backward_in_place(
+    l: &ChannelLayout,
+    x: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    grad: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let sums: Vec<(f32, f32)> = (0..l.channels)
+        .into_par_iter()
+        .map(|c| {
+            let (mut dy_sum, mut dy_centred) = (0f64, 0f64);
+            for (xr, dyr) in l.runs(x, c).zip(l.runs(grad, c)) {
+                dy_sum += sum_f32(dyr) as f64;
+                dy_centred += centred_dot(dyr, xr, mean[c]) as f64;
+            }
+            // sum(dy * x_hat) = inv_std * sum(dy * (x - mean))
+            (dy_sum as f32, (inv_std[c] as f64 * dy_centred) as f32)
+        })
+        .collect();
+    let count = l.count().max(1) as f32;
+    grad.par_chunks_mut(l.inner)
+        .zip(x.par_chunks(l.inner))
+        .enumerate()
+        .for_each(|(i, (dy, x))| {
+            let c = i % l.channels;
+            let (dy_sum, dy_xhat) = sums[c];
+            let k = gamma[c] * inv_std[c];
+            // dx = k * dy - k * dy_sum / count - k * inv_std * dy_xhat / count * (x - mean)
+            let a = k * inv_std[c] * dy_xhat / count;
+            let b = -k * dy_sum / count + a * mean[c];
+            batch_norm_grad_run(dy, x, k, a, b);
+        });
+    sums.into_iter()
+        .map(|(dy_sum, dy_xhat)| (dy_xhat, dy_sum))
+        .unzip()
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn sum_f32(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.len() / 16 * 16;
+    for c in x[..chunks].chunks_exact(16) {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + x[chunks..].iter().sum::<f32>()
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn centred_squares(x: &[f32], mean: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.len() / 16 * 16;
+    for c in x[..chunks].chunks_exact(16) {
+        for i in 0..16 {
+            let d = c[i] - mean;
+            acc[i] += d * d;
+        }
+    }
+    let tail: f32 = x[chunks..].iter().map(|v| (v - mean) * (v - mean)).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `sum(dy * (x - mean))`.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn centred_dot(dy: &[f32], x: &[f32], mean: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = dy.len() / 16 * 16;
+    for (d, v) in dy[..chunks]
+        .chunks_exact(16)
+        .zip(x[..chunks].chunks_exact(16))
+    {
+        for i in 0..16 {
+            acc[i] += d[i] * (v[i] - mean);
+        }
+    }
+    let tail: f32 = dy[chunks..]
+        .iter()
+        .zip(&x[chunks..])
+        .map(|(d, v)| d * (v - mean))
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn affine(x: &mut [f32], scale: f32, shift: f32) {
+    for v in x {
+        *v = *v * scale + shift;
+    }
+}
+
+/// `dy = k * dy - a * x + b` on one run.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn batch_norm_grad_run(dy: &mut [f32], x: &[f32], k: f32, a: f32, b: f32) {
+    for (d, &x) in dy.iter_mut().zip(x) {
+        *d = k * *d - a * x + b;
+    }
+}

@@ -16,7 +16,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::{BoolTensorOps, ConvOptions, FloatTensorOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::backend::{
+    Autodiff, AutodiffBackend, Backend, Dispatch, DispatchDevice, ExtensionType, Flex,
+    backend_extension,
+};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
@@ -44,6 +47,23 @@ pub trait Kernels: Backend {
 
     /// `min(max(x, 0), 6)` in one pass; its backward needs only the output.
     fn relu6_native(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// Train-mode BatchNorm: normalise with the batch statistics and return them.
+    fn batch_norm_train_native(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> BatchNormStats<Self>;
+}
+
+/// The output of [`Kernels::batch_norm_train_native`]: the normalised input and the batch
+/// mean and biased variance per channel (the latter two outside the autodiff graph).
+#[derive(ExtensionType)]
+pub struct BatchNormStats<B: Backend> {
+    pub output: FloatTensor<B>,
+    pub mean: FloatTensor<B>,
+    pub variance: FloatTensor<B>,
 }
 
 /// A contiguous f32 copy of a flex tensor's data (no copy when it already is), or `None`
@@ -110,6 +130,40 @@ impl Kernels for Flex {
         let len = y.layout().num_elements();
         cpu::relu6_in_place(&mut y.storage_mut::<f32>()[..len]);
         y
+    }
+
+    fn batch_norm_train_native(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+    ) -> BatchNormStats<Self> {
+        let native = f32_view(&x).zip(f32_view(&gamma)).zip(f32_view(&beta));
+        let Some(((x, gamma), beta)) = native else {
+            let out = Flex::batch_norm_train(x, gamma, beta, epsilon);
+            return BatchNormStats {
+                output: out.output,
+                mean: out.mean,
+                variance: out.variance,
+            };
+        };
+        let layout = cpu::ChannelLayout::new(&x.shape());
+        let (mean, variance) = cpu::batch_norm_stats(&layout, slice(&x));
+        let (gamma, beta) = (slice(&gamma), slice(&beta));
+        let (scale, shift): (Vec<f32>, Vec<f32>) = (0..layout.channels)
+            .map(|c| {
+                let scale = gamma[c] / (variance[c] as f64 + epsilon).sqrt() as f32;
+                (scale, beta[c] - mean[c] * scale)
+            })
+            .unzip();
+        let mut y = slice(&x).to_vec();
+        cpu::scale_shift_in_place(&layout, &mut y, &scale, &shift);
+        let channels = vec![layout.channels];
+        BatchNormStats {
+            output: flex_tensor(y, x.shape().to_vec()),
+            mean: flex_tensor(mean, channels.clone()),
+            variance: flex_tensor(variance, channels),
+        }
     }
 }
 
@@ -219,7 +273,110 @@ impl Backward<Flex, 1> for Relu6Backward {
     }
 }
 
+#[derive(Debug)]
+struct BatchNormBackward;
+
+#[derive(Debug, Clone)]
+struct BatchNormState {
+    x: FlexTensor,
+    gamma: FlexTensor,
+    mean: FlexTensor,
+    variance: FlexTensor,
+    epsilon: f64,
+}
+
+impl Backward<Flex, 3> for BatchNormBackward {
+    type State = BatchNormState;
+
+    fn backward(self, ops: Ops<BatchNormState, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let BatchNormState {
+            x,
+            gamma,
+            mean,
+            variance,
+            epsilon,
+        } = ops.state;
+        let native = f32_view(&x)
+            .zip(f32_view(&gamma))
+            .filter(|_| grad.dtype() == DType::F32);
+        let Some((x, gamma)) = native else {
+            let out = Flex::batch_norm_train_backward(x, gamma, mean, variance, epsilon, grad);
+            for (node, g) in [
+                (node_x, out.x_grad),
+                (node_gamma, out.gamma_grad),
+                (node_beta, out.beta_grad),
+            ] {
+                if let Some(node) = node {
+                    grads.register::<Flex>(node.id, g);
+                }
+            }
+            return;
+        };
+        let layout = cpu::ChannelLayout::new(&x.shape());
+        let inv_std: Vec<f32> = slice(&f32_view(&variance).expect("f32 statistics"))
+            .iter()
+            .map(|&v| 1.0 / (v as f64 + epsilon).sqrt() as f32)
+            .collect();
+        let mean = f32_view(&mean).expect("f32 statistics");
+        let mut dx = into_owned_f32(grad);
+        let len = dx.layout().num_elements();
+        let (dgamma, dbeta) = cpu::batch_norm_backward_in_place(
+            &layout,
+            slice(&x),
+            slice(&gamma),
+            slice(&mean),
+            &inv_std,
+            &mut dx.storage_mut::<f32>()[..len],
+        );
+        let channels = vec![layout.channels];
+        if let Some(node) = node_gamma {
+            grads.register::<Flex>(node.id, flex_tensor(dgamma, channels.clone()));
+        }
+        if let Some(node) = node_beta {
+            grads.register::<Flex>(node.id, flex_tensor(dbeta, channels));
+        }
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, dx);
+        }
+    }
+}
+
 impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
+    fn batch_norm_train_native(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> BatchNormStats<Self> {
+        let prepared = BatchNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful();
+        let (x, gamma) = (x.into_primitive(), gamma.into_primitive());
+        let out =
+            Flex::batch_norm_train_native(x.clone(), gamma.clone(), beta.into_primitive(), epsilon);
+        let output = match prepared {
+            OpsKind::Tracked(prep) => {
+                let state = BatchNormState {
+                    x,
+                    gamma,
+                    mean: out.mean.clone(),
+                    variance: out.variance.clone(),
+                    epsilon,
+                };
+                prep.finish(state, out.output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out.output),
+        };
+        BatchNormStats {
+            output,
+            mean: Self::from_inner(out.mean),
+            variance: Self::from_inner(out.variance),
+        }
+    }
+
     /// Differentiated as the bias-free convolution plus burn's own broadcast addition.
     fn conv2d_native_bias(
         x: FloatTensor<Self>,
@@ -312,6 +469,31 @@ fn conv2d_flex(
         }
         None => <Dispatch as Kernels>::conv2d_native(x, weight, options),
     })
+}
+
+/// Train-mode BatchNorm through the native kernels on the CPU: `(output, batch mean,
+/// biased batch variance)`, the statistics detached.
+pub fn batch_norm_train<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    epsilon: f64,
+) -> (Tensor<D>, Tensor<1>, Tensor<1>) {
+    if !on_flex(&x.device()) {
+        let out = burn::tensor::module::batch_norm_train(x, gamma, beta, epsilon);
+        return (out.output, out.mean, out.variance);
+    }
+    let out = <Dispatch as Kernels>::batch_norm_train_native(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        epsilon,
+    );
+    (
+        Tensor::from_dispatch(out.output),
+        Tensor::from_dispatch(out.mean),
+        Tensor::from_dispatch(out.variance),
+    )
 }
 
 /// ReLU6 through the native kernel on the CPU.
@@ -431,6 +613,63 @@ mod tests {
                 depthwise: false,
             });
         }
+    }
+
+    fn check_batch_norm<const D: usize>(shape: [usize; D]) {
+        let device = Device::flex().autodiff();
+        let channels = shape[1];
+        // An offset mean and a non-unit spread, as real activations have.
+        let x = Tensor::<D>::random(shape, Distribution::Normal(3.0, 2.0), &device);
+        let gamma = Tensor::<1>::random([channels], Distribution::Normal(1.0, 0.5), &device);
+        let beta = Tensor::<1>::random([channels], Distribution::Normal(0.0, 1.0), &device);
+        let run = |native: bool| {
+            let (x, gamma, beta) = (
+                x.clone().require_grad(),
+                gamma.clone().require_grad(),
+                beta.clone().require_grad(),
+            );
+            let (y, mean, var) = if native {
+                batch_norm_train(x.clone(), gamma.clone(), beta.clone(), 1e-5)
+            } else {
+                let out = burn::tensor::module::batch_norm_train(
+                    x.clone(),
+                    gamma.clone(),
+                    beta.clone(),
+                    1e-5,
+                );
+                (out.output, out.mean, out.variance)
+            };
+            let seed_grad = Tensor::<D>::ones(y.dims(), &device).cumsum(D - 1).sin();
+            let grads = (y.clone() * seed_grad).sum().backward();
+            let flat = |t: Tensor<D>| t.reshape([1, 1, 1, -1]);
+            let vec4 = |t: Tensor<1>| t.reshape([1, 1, 1, -1]);
+            [
+                flat(y),
+                vec4(mean),
+                vec4(var),
+                flat(x.grad(&grads).unwrap()),
+                vec4(gamma.grad(&grads).unwrap()),
+                vec4(beta.grad(&grads).unwrap()),
+            ]
+        };
+        let names = [
+            "output",
+            "mean",
+            "variance",
+            "input grad",
+            "gamma grad",
+            "beta grad",
+        ];
+        for ((name, ours), reference) in names.iter().zip(run(true)).zip(run(false)) {
+            assert_close(&format!("batch norm {shape:?} {name}"), ours, reference);
+        }
+    }
+
+    #[test]
+    fn batch_norm_kernels_match_generic() {
+        check_batch_norm([3, 5, 7, 9]);
+        check_batch_norm([2, 4, 1, 1]);
+        check_batch_norm([6, 3]);
     }
 
     #[test]

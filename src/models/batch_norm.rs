@@ -7,7 +7,9 @@ use burn::module::{Flag, Module, Param, RunningState};
 use burn::nn::Initializer;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
-use burn::tensor::module::{batch_norm, batch_norm_train};
+use burn::tensor::module::batch_norm;
+
+use crate::kernels::batch_norm_train;
 
 #[derive(Module, Debug)]
 pub struct BatchNorm {
@@ -81,7 +83,8 @@ impl BatchNorm {
         }
         let dims = input.dims();
         let per_channel: usize = dims.iter().product::<usize>() / dims[1];
-        let result = batch_norm_train(input, self.gamma.val(), self.beta.val(), self.epsilon);
+        let (output, batch_mean, batch_var) =
+            batch_norm_train(input, self.gamma.val(), self.beta.val(), self.epsilon);
         let unbiased = if per_channel > 1 {
             per_channel as f64 / (per_channel - 1) as f64
         } else {
@@ -92,13 +95,13 @@ impl BatchNorm {
         let var = self.running_var.value_sync().to_device(&device);
         let mean = mean
             .mul_scalar(1.0 - m)
-            .add(result.mean.detach().mul_scalar(m));
+            .add(batch_mean.detach().mul_scalar(m));
         let var = var
             .mul_scalar(1.0 - m)
-            .add(result.variance.detach().mul_scalar(m * unbiased));
+            .add(batch_var.detach().mul_scalar(m * unbiased));
         self.running_mean.update(mean.detach());
         self.running_var.update(var.detach());
-        result.output
+        output
     }
 }
 
