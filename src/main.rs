@@ -1,6 +1,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    retrain::kernels::retain_freed_memory();
     let cli = retrain::cli::Cli::parse();
     match retrain::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
