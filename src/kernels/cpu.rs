@@ -270,14 +270,25 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// `out[m, n] (+)= a[m, k] * b[k, n]`, `out` row-major, single-threaded (callers split work
-/// over images).
+/// `out[m, n] (+)= a[m, k] * b[k, n]`, `out` row-major. Single-threaded: callers split
+/// their work over images.
 fn matmul(
     out: &mut [f32],
     a: MatRef,
     b: MatRef,
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
+) {
+    matmul_with(out, a, b, (m, n, k), accumulate, Parallelism::None);
+}
+
+fn matmul_with(
+    out: &mut [f32],
+    a: MatRef,
+    b: MatRef,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    parallelism: Parallelism,
 ) {
     assert!(out.len() >= m * n);
     let last = |r: MatRef, rows: usize, cols: usize| {
@@ -307,7 +318,7 @@ fn matmul(
             false,
             false,
             false,
-            Parallelism::None,
+            parallelism,
         );
     }
 }
@@ -375,6 +386,51 @@ fn col2im(g: &ConvGeometry, cols: &[f32], x: &mut [f32]) {
             }
         }
     }
+}
+
+/// Dense forward: per image, `W [cout, K] * cols [K, P]`, written straight into NCHW.
+/// Images are split over threads; a batch smaller than the thread pool splits each
+/// product instead.
+pub fn dense_forward(
+    g: &ConvGeometry,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let (k, p) = (g.patch_len(), g.out_plane());
+    let threads = rayon::current_num_threads();
+    let parallelism = if g.batch < threads {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    let mut y = vec![0f32; g.batch * g.cout * p];
+    let w = MatRef::rows(weight, k);
+    y.par_chunks_mut(g.cout * p)
+        .zip(x.par_chunks(g.cin * g.in_plane()))
+        .with_max_len(1)
+        .for_each_init(Vec::new, |cols, (y, x)| {
+            if g.is_pointwise() {
+                matmul_with(y, w, MatRef::rows(x, p), (g.cout, p, k), false, parallelism);
+            } else {
+                cols.resize(k * p, 0.0);
+                im2col(g, x, cols);
+                matmul_with(
+                    y,
+                    w,
+                    MatRef::rows(cols, p),
+                    (g.cout, p, k),
+                    false,
+                    parallelism,
+                );
+            }
+            if let Some(bias) = bias {
+                for (plane, &b) in y.chunks_exact_mut(p).zip(bias) {
+                    affine(plane, 1.0, b);
+                }
+            }
+        });
+    y
 }
 
 /// Dense input gradient: per image, `W^T [K, cout] * dY [cout, P]`, folded back with col2im.

@@ -108,9 +108,8 @@ fn native_operands(
 }
 
 impl Kernels for Flex {
-    /// burn-flex's forward (im2col + gemm, with 1x1 and depthwise fast paths) is kept.
     fn conv2d_native(x: FlexTensor, weight: FlexTensor, options: ConvOptions<2>) -> FlexTensor {
-        Flex::conv2d(x, weight, None, options)
+        conv_forward(x, weight, None, options)
     }
 
     fn conv2d_native_bias(
@@ -119,7 +118,7 @@ impl Kernels for Flex {
         bias: FlexTensor,
         options: ConvOptions<2>,
     ) -> FlexTensor {
-        Flex::conv2d(x, weight, Some(bias), options)
+        conv_forward(x, weight, Some(bias), options)
     }
 
     fn relu6_native(x: FlexTensor) -> FlexTensor {
@@ -164,6 +163,27 @@ impl Kernels for Flex {
             mean: flex_tensor(mean, channels.clone()),
             variance: flex_tensor(variance, channels),
         }
+    }
+}
+
+/// Forward convolution: dense ones native (im2col + gemm straight into NCHW), depthwise
+/// through burn-flex's own kernel, which is as fast as a plain loop gets.
+fn conv_forward(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: Option<FlexTensor>,
+    options: ConvOptions<2>,
+) -> FlexTensor {
+    let bias_f32 = match &bias {
+        Some(b) => f32_view(b).map(Some),
+        None => Some(None),
+    };
+    match native_operands(&x, &weight, &options).zip(bias_f32) {
+        Some(((g, x, w), b)) if !g.depthwise => {
+            let y = cpu::dense_forward(&g, slice(&x), slice(&w), b.as_ref().map(slice));
+            flex_tensor(y, g.output_shape().to_vec())
+        }
+        _ => Flex::conv2d(x, weight, bias, options),
     }
 }
 
@@ -401,11 +421,11 @@ impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (x, weight) = (x.into_primitive(), weight.into_primitive());
-                let y = Flex::conv2d(x.clone(), weight.clone(), None, options.clone());
+                let y = conv_forward(x.clone(), weight.clone(), None, options.clone());
                 let state = Conv2dState { x, weight, options };
                 prep.finish(state, y)
             }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::conv2d(
+            OpsKind::UnTracked(prep) => prep.finish(conv_forward(
                 x.into_primitive(),
                 weight.into_primitive(),
                 None,
