@@ -70,6 +70,17 @@ impl ConvGeometry {
         })
     }
 
+    /// The windows of a max pool: a depthwise geometry without weights.
+    pub fn pool(
+        x: [usize; 4],
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [(usize, usize); 2],
+    ) -> Option<Self> {
+        let options = ConvOptions::new_with_padding(stride, padding, [1, 1], x[1]);
+        Self::new(x, [x[1], 1, kernel[0], kernel[1]], &options)
+    }
+
     pub fn output_shape(&self) -> [usize; 4] {
         [self.batch, self.cout, self.oh, self.ow]
     }
@@ -688,4 +699,76 @@ fn batch_norm_grad_run(dy: &mut [f32], x: &[f32], k: f32, a: f32, b: f32) {
     for (d, &x) in dy.iter_mut().zip(x) {
         *d = k * *d - a * x + b;
     }
+}
+
+/// Max pooling forward; padding never wins and NaN propagates, as in PyTorch.
+pub fn max_pool_forward(g: &ConvGeometry, x: &[f32]) -> Vec<f32> {
+    let mut y = vec![f32::NEG_INFINITY; g.batch * g.cin * g.out_plane()];
+    y.par_chunks_mut(g.out_plane())
+        .zip(x.par_chunks(g.in_plane()))
+        .for_each(|(y, x)| max_pool_plane(g, x, y));
+    y
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn max_pool_plane(g: &ConvGeometry, x: &[f32], y: &mut [f32]) {
+    for oy in 0..g.oh {
+        let y_row = &mut y[oy * g.ow..][..g.ow];
+        for ky in 0..g.kh {
+            let Some(iy) = g.input_row(oy, ky) else {
+                continue;
+            };
+            let x_row = &x[iy * g.w..][..g.w];
+            for kx in 0..g.kw {
+                let (lo, hi, ix) = g.column_span(kx);
+                for (m, &v) in y_row[lo..hi]
+                    .iter_mut()
+                    .zip(x_row[ix..].iter().step_by(g.sw))
+                {
+                    *m = if v > *m || v.is_nan() { v } else { *m };
+                }
+            }
+        }
+    }
+}
+
+/// Max pooling input gradient: each output's gradient goes to the first maximum of its
+/// window in row-major order (PyTorch's choice on ties), recomputed from the input.
+pub fn max_pool_backward(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0f32; g.batch * g.cin * g.in_plane()];
+    dx.par_chunks_mut(g.in_plane())
+        .zip(x.par_chunks(g.in_plane()))
+        .zip(grad.par_chunks(g.out_plane()))
+        .for_each(|((dx, x), dy)| {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    let mut best: Option<(usize, f32)> = None;
+                    for ky in 0..g.kh {
+                        let Some(iy) = g.input_row(oy, ky) else {
+                            continue;
+                        };
+                        for kx in 0..g.kw {
+                            let Some(ix) = (ox * g.sw + kx).checked_sub(g.pad_left) else {
+                                continue;
+                            };
+                            if ix >= g.w {
+                                continue;
+                            }
+                            let v = x[iy * g.w + ix];
+                            if best.is_none_or(|(_, m)| v > m || v.is_nan() && !m.is_nan()) {
+                                best = Some((iy * g.w + ix, v));
+                            }
+                        }
+                    }
+                    if let Some((i, _)) = best {
+                        dx[i] += dy[oy * g.ow + ox];
+                    }
+                }
+            }
+        });
+    dx
 }

@@ -22,6 +22,7 @@ use burn::backend::{
 };
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
+use burn::nn::pool::MaxPool2d;
 use burn::prelude::*;
 use burn::tensor::{BoolStore, DType};
 
@@ -47,6 +48,14 @@ pub trait Kernels: Backend {
 
     /// `min(max(x, 0), 6)` in one pass; its backward needs only the output.
     fn relu6_native(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// Max pooling without the index tensor burn-flex computes even at inference.
+    fn max_pool2d_native(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [(usize, usize); 2],
+    ) -> FloatTensor<Self>;
 
     /// Train-mode BatchNorm: normalise with the batch statistics and return them.
     fn batch_norm_train_native(
@@ -129,6 +138,26 @@ impl Kernels for Flex {
         let len = y.layout().num_elements();
         cpu::relu6_in_place(&mut y.storage_mut::<f32>()[..len]);
         y
+    }
+
+    fn max_pool2d_native(
+        x: FlexTensor,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [(usize, usize); 2],
+    ) -> FlexTensor {
+        let native = ConvGeometry::pool(dims4(&x), kernel, stride, padding).zip(f32_view(&x));
+        match native {
+            Some((g, x)) => flex_tensor(
+                cpu::max_pool_forward(&g, slice(&x)),
+                g.output_shape().to_vec(),
+            ),
+            // Windows larger than the padded input, or other dtypes: burn-flex's kernel.
+            None => {
+                let padding = [padding[0].0, padding[1].0];
+                Flex::max_pool2d(x, kernel, stride, padding, [1, 1], false)
+            }
+        }
     }
 
     fn batch_norm_train_native(
@@ -294,6 +323,38 @@ impl Backward<Flex, 1> for Relu6Backward {
 }
 
 #[derive(Debug)]
+struct MaxPoolBackward;
+
+#[derive(Debug, Clone)]
+struct MaxPoolState {
+    x: FlexTensor,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [(usize, usize); 2],
+}
+
+impl Backward<Flex, 1> for MaxPoolBackward {
+    type State = MaxPoolState;
+
+    fn backward(self, ops: Ops<MaxPoolState, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let Some(node) = node else { return };
+        let MaxPoolState {
+            x,
+            kernel,
+            stride,
+            padding,
+        } = ops.state;
+        let x_shape = dims4(&x);
+        let g = ConvGeometry::pool(x_shape, kernel, stride, padding).expect("checked in forward");
+        let (x, dy) = (f32_view(&x).expect("f32"), f32_view(&grad).expect("f32"));
+        let dx = cpu::max_pool_backward(&g, slice(&x), slice(&dy));
+        grads.register::<Flex>(node.id, flex_tensor(dx, x_shape.to_vec()));
+    }
+}
+
+#[derive(Debug)]
 struct BatchNormBackward;
 
 #[derive(Debug, Clone)]
@@ -364,6 +425,45 @@ impl Backward<Flex, 3> for BatchNormBackward {
 }
 
 impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
+    fn max_pool2d_native(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [(usize, usize); 2],
+    ) -> FloatTensor<Self> {
+        let native = ConvGeometry::pool(dims4(x.primitive()), kernel, stride, padding).is_some()
+            && x.primitive().dtype() == DType::F32;
+        if !native {
+            let padding = [padding[0].0, padding[1].0];
+            return Self::max_pool2d(x, kernel, stride, padding, [1, 1], false);
+        }
+        match MaxPoolBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = x.into_primitive();
+                let y = Flex::max_pool2d_native(x.clone(), kernel, stride, padding);
+                prep.finish(
+                    MaxPoolState {
+                        x,
+                        kernel,
+                        stride,
+                        padding,
+                    },
+                    y,
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::max_pool2d_native(
+                x.into_primitive(),
+                kernel,
+                stride,
+                padding,
+            )),
+        }
+    }
+
     fn batch_norm_train_native(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -507,6 +607,24 @@ fn conv2d_flex(
         }
         None => <Dispatch as Kernels>::conv2d_native(x, weight, options),
     })
+}
+
+/// `pool.forward(x)` through the native kernel on the CPU.
+pub fn max_pool2d(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
+    let PaddingConfig2d::Explicit(top, left, bottom, right) = pool.padding else {
+        return pool.forward(x);
+    };
+    if !on_flex(&x.device()) || pool.dilation != [1, 1] || pool.ceil_mode {
+        return pool.forward(x);
+    }
+    let padding = [(top, bottom), (left, right)];
+    let y = <Dispatch as Kernels>::max_pool2d_native(
+        x.into_dispatch(),
+        pool.kernel_size,
+        pool.stride,
+        padding,
+    );
+    Tensor::from_dispatch(y)
 }
 
 /// Train-mode BatchNorm through the native kernels on the CPU: `(output, batch mean,
@@ -708,6 +826,38 @@ mod tests {
         check_batch_norm([3, 5, 7, 9]);
         check_batch_norm([2, 4, 1, 1]);
         check_batch_norm([6, 3]);
+    }
+
+    #[test]
+    fn max_pool_kernels_match_generic() {
+        use burn::nn::pool::MaxPool2dConfig;
+        let device = Device::flex().autodiff();
+        let cases = [
+            ([2, 3, 11, 9], 3, 2, 1),
+            ([1, 2, 8, 7], 2, 2, 0),
+            ([2, 2, 7, 10], 3, 1, 1),
+        ];
+        for (shape, kernel, stride, pad) in cases {
+            let pool = MaxPool2dConfig::new([kernel; 2])
+                .with_strides([stride; 2])
+                .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+                .init();
+            let x = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let run = |native: bool| {
+                let x = x.clone().require_grad();
+                let y = if native {
+                    max_pool2d(&pool, x.clone())
+                } else {
+                    pool.forward(x.clone())
+                };
+                let seed_grad = Tensor::<4>::ones(y.dims(), &device).cumsum(3).sin();
+                let grads = (y.clone() * seed_grad).sum().backward();
+                (y, x.grad(&grads).unwrap())
+            };
+            let ((y, dx), (y_ref, dx_ref)) = (run(true), run(false));
+            assert_close(&format!("max pool {shape:?} forward"), y, y_ref);
+            assert_close(&format!("max pool {shape:?} input grad"), dx, dx_ref);
+        }
     }
 
     #[test]

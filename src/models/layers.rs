@@ -37,7 +37,7 @@ impl Layer {
             Layer::BatchNorm2d(m) => m.forward(x),
             Layer::ReLU(m) => m.forward(x),
             Layer::ReLU6(_) => kernels::relu6(x),
-            Layer::MaxPool2d(m) => m.forward(x),
+            Layer::MaxPool2d(m) => kernels::max_pool2d(m, x),
             Layer::Dropout(m) => m.forward(x),
             Layer::Sequential(layers) => sequential(layers, x),
             Layer::Linear(_) => panic!("a Linear layer takes a 2-D input"),
