@@ -578,6 +578,22 @@ pub fn scale_shift_in_place(l: &ChannelLayout, x: &mut [f32], scale: &[f32], shi
     });
 }
 
+/// Per channel `(sum(dy), sum(dy * x))`: the gradients of shift and scale in
+/// `y = x * scale + shift`.
+pub fn channel_affine_sums(l: &ChannelLayout, x: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    (0..l.channels)
+        .into_par_iter()
+        .map(|c| {
+            let (mut dy_sum, mut dy_x) = (0f64, 0f64);
+            for (xr, dyr) in l.runs(x, c).zip(l.runs(grad, c)) {
+                dy_sum += sum_f32(dyr) as f64;
+                dy_x += centred_dot(dyr, xr, 0.0) as f64;
+            }
+            (dy_sum as f32, dy_x as f32)
+        })
+        .unzip()
+}
+
 /// BatchNorm backward with batch statistics. Returns `(dgamma, dbeta)` and writes the
 /// input gradient over `grad`:
 /// `dx = gamma * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat))`.

@@ -57,6 +57,14 @@ pub trait Kernels: Backend {
         padding: [(usize, usize); 2],
     ) -> FloatTensor<Self>;
 
+    /// `y = x * scale[c] + shift[c]` over channel dimension 1: eval-mode BatchNorm in one
+    /// pass once its statistics are folded into `scale` and `shift`.
+    fn channel_affine_native(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
     /// Train-mode BatchNorm: normalise with the batch statistics and return them.
     fn batch_norm_train_native(
         x: FloatTensor<Self>,
@@ -158,6 +166,25 @@ impl Kernels for Flex {
                 Flex::max_pool2d(x, kernel, stride, padding, [1, 1], false)
             }
         }
+    }
+
+    fn channel_affine_native(x: FlexTensor, scale: FlexTensor, shift: FlexTensor) -> FlexTensor {
+        let native = f32_view(&scale)
+            .zip(f32_view(&shift))
+            .filter(|_| x.dtype() == DType::F32);
+        let Some((scale, shift)) = native else {
+            let mut per_channel = vec![1; x.shape().num_dims()];
+            per_channel[1] = x.shape()[1];
+            let scale = Flex::float_reshape(scale, per_channel.clone().into());
+            let shift = Flex::float_reshape(shift, per_channel.into());
+            return Flex::float_add(Flex::float_mul(x, scale), shift);
+        };
+        let layout = cpu::ChannelLayout::new(&x.shape());
+        let mut y = into_owned_f32(x);
+        let len = y.layout().num_elements();
+        let out = &mut y.storage_mut::<f32>()[..len];
+        cpu::scale_shift_in_place(&layout, out, slice(&scale), slice(&shift));
+        y
     }
 
     fn batch_norm_train_native(
@@ -355,6 +382,40 @@ impl Backward<Flex, 1> for MaxPoolBackward {
 }
 
 #[derive(Debug)]
+struct ChannelAffineBackward;
+
+impl Backward<Flex, 3> for ChannelAffineBackward {
+    /// The input (for the scale's gradient) and the scale (for the input's).
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_scale, node_shift] = ops.parents;
+        let grad = into_owned_f32(grads.consume::<Flex>(&ops.node));
+        let (x, scale) = ops.state;
+        let (x, scale) = (f32_view(&x).expect("f32"), f32_view(&scale).expect("f32"));
+        let layout = cpu::ChannelLayout::new(&x.shape());
+        let channels = vec![layout.channels];
+        if node_scale.is_some() || node_shift.is_some() {
+            let (dshift, dscale) = cpu::channel_affine_sums(&layout, slice(&x), slice(&grad));
+            if let Some(node) = node_scale {
+                grads.register::<Flex>(node.id, flex_tensor(dscale, channels.clone()));
+            }
+            if let Some(node) = node_shift {
+                grads.register::<Flex>(node.id, flex_tensor(dshift, channels.clone()));
+            }
+        }
+        if let Some(node) = node_x {
+            let mut dx = grad;
+            let len = dx.layout().num_elements();
+            let zeros = vec![0f32; layout.channels];
+            let out = &mut dx.storage_mut::<f32>()[..len];
+            cpu::scale_shift_in_place(&layout, out, slice(&scale), &zeros);
+            grads.register::<Flex>(node.id, dx);
+        }
+    }
+}
+
+#[derive(Debug)]
 struct BatchNormBackward;
 
 #[derive(Debug, Clone)]
@@ -425,6 +486,39 @@ impl Backward<Flex, 3> for BatchNormBackward {
 }
 
 impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
+    fn channel_affine_native(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let all_f32 = [&x, &scale, &shift]
+            .iter()
+            .all(|t| t.primitive().dtype() == DType::F32);
+        if !all_f32 {
+            let mut per_channel = vec![1; x.shape().num_dims()];
+            per_channel[1] = x.shape()[1];
+            let scale = Self::float_reshape(scale, per_channel.clone().into());
+            let shift = Self::float_reshape(shift, per_channel.into());
+            return Self::float_add(Self::float_mul(x, scale), shift);
+        }
+        let prepared = ChannelAffineBackward
+            .prepare::<C>([x.node(), scale.node(), shift.node()])
+            .compute_bound()
+            .stateful();
+        let (x, scale, shift) = (
+            x.into_primitive(),
+            scale.into_primitive(),
+            shift.into_primitive(),
+        );
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let y = Flex::channel_affine_native(x.clone(), scale.clone(), shift);
+                prep.finish((x, scale), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::channel_affine_native(x, scale, shift)),
+        }
+    }
+
     fn max_pool2d_native(
         x: FloatTensor<Self>,
         kernel: [usize; 2],
@@ -652,6 +746,29 @@ pub fn batch_norm_train<const D: usize>(
     )
 }
 
+/// Eval-mode BatchNorm in one pass on the CPU: the statistics become a per-channel scale
+/// and shift (small tensors, differentiated by burn), applied by the native kernel.
+pub fn batch_norm_eval<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    mean: Tensor<1>,
+    variance: Tensor<1>,
+    epsilon: f64,
+) -> Tensor<D> {
+    if !on_flex(&x.device()) {
+        return burn::tensor::module::batch_norm(x, gamma, beta, mean, variance, epsilon);
+    }
+    let scale = gamma / variance.add_scalar(epsilon).sqrt();
+    let shift = beta - mean * scale.clone();
+    let y = <Dispatch as Kernels>::channel_affine_native(
+        x.into_dispatch(),
+        scale.into_dispatch(),
+        shift.into_dispatch(),
+    );
+    Tensor::from_dispatch(y)
+}
+
 /// ReLU6 through the native kernel on the CPU.
 pub fn relu6<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if !on_flex(&x.device()) {
@@ -857,6 +974,48 @@ mod tests {
             let ((y, dx), (y_ref, dx_ref)) = (run(true), run(false));
             assert_close(&format!("max pool {shape:?} forward"), y, y_ref);
             assert_close(&format!("max pool {shape:?} input grad"), dx, dx_ref);
+        }
+    }
+
+    #[test]
+    fn eval_batch_norm_matches_generic() {
+        let device = Device::flex().autodiff();
+        let normal = |mean, std| Distribution::Normal(mean, std);
+        let x = Tensor::<4>::random([3, 4, 5, 7], normal(1.0, 2.0), &device);
+        let params = |m, s| Tensor::<1>::random([4], normal(m, s), &device);
+        let (gamma, beta, mean) = (params(1.0, 0.5), params(0.0, 1.0), params(1.0, 1.0));
+        let variance = params(0.0, 1.0).abs().add_scalar(0.1);
+        let run = |native: bool| {
+            let (x, gamma, beta) = (
+                x.clone().require_grad(),
+                gamma.clone().require_grad(),
+                beta.clone().require_grad(),
+            );
+            let args = (
+                x.clone(),
+                gamma.clone(),
+                beta.clone(),
+                mean.clone(),
+                variance.clone(),
+            );
+            let y = if native {
+                batch_norm_eval(args.0, args.1, args.2, args.3, args.4, 1e-5)
+            } else {
+                burn::tensor::module::batch_norm(args.0, args.1, args.2, args.3, args.4, 1e-5)
+            };
+            let seed_grad = Tensor::<4>::ones(y.dims(), &device).cumsum(3).sin();
+            let grads = (y.clone() * seed_grad).sum().backward();
+            let as4 = |t: Tensor<1>| t.reshape([1, 1, 1, -1]);
+            [
+                y,
+                x.grad(&grads).unwrap(),
+                as4(gamma.grad(&grads).unwrap()),
+                as4(beta.grad(&grads).unwrap()),
+            ]
+        };
+        let names = ["output", "input grad", "gamma grad", "beta grad"];
+        for ((name, ours), reference) in names.iter().zip(run(true)).zip(run(false)) {
+            assert_close(&format!("eval batch norm {name}"), ours, reference);
         }
     }
 

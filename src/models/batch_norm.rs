@@ -3,13 +3,11 @@
 //! apart. This module is burn's, field for field (so burn-store's PyTorch adapters, which match
 //! the type name `BatchNorm`, still map `weight`/`bias` to `gamma`/`beta`), with that update fixed.
 
+use crate::kernels::{batch_norm_eval, batch_norm_train};
 use burn::module::{Flag, Module, Param, RunningState};
 use burn::nn::Initializer;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
-use burn::tensor::module::batch_norm;
-
-use crate::kernels::batch_norm_train;
 
 #[derive(Module, Debug)]
 pub struct BatchNorm {
@@ -72,7 +70,7 @@ impl BatchNorm {
         if !(device.is_autodiff() && self.training.is_enabled()) {
             let mean = self.running_mean.value().to_device(&device);
             let var = self.running_var.value().to_device(&device);
-            return batch_norm(
+            return batch_norm_eval(
                 input,
                 self.gamma.val(),
                 self.beta.val(),
