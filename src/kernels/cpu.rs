@@ -110,6 +110,49 @@ impl ConvGeometry {
             && self.ow == self.w
     }
 
+    /// 3x3 stride-1 dense convolutions go through Winograd's F(2x2, 3x3).
+    fn is_winograd(&self) -> bool {
+        !self.depthwise && self.kh == 3 && self.kw == 3 && self.sh == 1 && self.sw == 1
+    }
+
+    /// The input gradient of a Winograd convolution is itself one: the output gradient
+    /// convolved with the weights flipped in space and with input and output channels
+    /// swapped, padded by `2 - padding` on each side. That geometry and those weights.
+    fn winograd_input_grad(&self, weight: &[f32]) -> Option<(ConvGeometry, Vec<f32>)> {
+        if !self.is_winograd() {
+            return None;
+        }
+        // For a 3x3 stride-1 convolution oh = h + top + bottom - 2.
+        let pad_bottom = (self.oh + 2).checked_sub(self.h + self.pad_top)?;
+        let pad_right = (self.ow + 2).checked_sub(self.w + self.pad_left)?;
+        let pads = [self.pad_top, pad_bottom, self.pad_left, pad_right];
+        if pads.iter().any(|&p| p > 2) {
+            return None;
+        }
+        let options = ConvOptions::new_with_padding(
+            [1, 1],
+            [
+                (2 - self.pad_top, 2 - pad_bottom),
+                (2 - self.pad_left, 2 - pad_right),
+            ],
+            [1, 1],
+            1,
+        );
+        let grad_shape = [self.batch, self.cout, self.oh, self.ow];
+        let transposed = ConvGeometry::new(grad_shape, [self.cin, self.cout, 3, 3], &options)?;
+        let mut rotated = vec![0f32; weight.len()];
+        for co in 0..self.cout {
+            for ci in 0..self.cin {
+                let src = &weight[(co * self.cin + ci) * 9..][..9];
+                let dst = &mut rotated[(ci * self.cout + co) * 9..][..9];
+                for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = *s;
+                }
+            }
+        }
+        Some((transposed, rotated))
+    }
+
     /// The input row feeding output row `oy` through kernel row `ky`, if inside the image.
     fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
         (oy * self.sh + ky)
@@ -290,18 +333,20 @@ fn matmul(
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
 ) {
-    matmul_with(out, a, b, (m, n, k), accumulate, Parallelism::None);
+    matmul_with(out, n, a, b, (m, n, k), accumulate, Parallelism::None);
 }
 
+/// [`matmul`] with `out`'s rows `out_row_stride` apart and a choice of threading.
 fn matmul_with(
     out: &mut [f32],
+    out_row_stride: usize,
     a: MatRef,
     b: MatRef,
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
     parallelism: Parallelism,
 ) {
-    assert!(out.len() >= m * n);
+    assert!(n <= out_row_stride && (m.max(1) - 1) * out_row_stride + n <= out.len());
     let last = |r: MatRef, rows: usize, cols: usize| {
         (rows.max(1) - 1) as isize * r.row_stride + (cols.max(1) - 1) as isize * r.col_stride
     };
@@ -316,7 +361,7 @@ fn matmul_with(
             k,
             out.as_mut_ptr(),
             1,
-            n as isize,
+            out_row_stride as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride,
@@ -408,6 +453,9 @@ pub fn dense_forward(
     weight: &[f32],
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
+    if g.is_winograd() {
+        return winograd_forward(g, x, weight, bias);
+    }
     let (k, p) = (g.patch_len(), g.out_plane());
     let threads = rayon::current_num_threads();
     let parallelism = if g.batch < threads {
@@ -422,12 +470,21 @@ pub fn dense_forward(
         .with_max_len(1)
         .for_each_init(Vec::new, |cols, (y, x)| {
             if g.is_pointwise() {
-                matmul_with(y, w, MatRef::rows(x, p), (g.cout, p, k), false, parallelism);
+                matmul_with(
+                    y,
+                    p,
+                    w,
+                    MatRef::rows(x, p),
+                    (g.cout, p, k),
+                    false,
+                    parallelism,
+                );
             } else {
                 cols.resize(k * p, 0.0);
                 im2col(g, x, cols);
                 matmul_with(
                     y,
+                    p,
                     w,
                     MatRef::rows(cols, p),
                     (g.cout, p, k),
@@ -446,6 +503,9 @@ pub fn dense_forward(
 
 /// Dense input gradient: per image, `W^T [K, cout] * dY [cout, P]`, folded back with col2im.
 pub fn dense_backward_input(g: &ConvGeometry, weight: &[f32], grad: &[f32]) -> Vec<f32> {
+    if let Some((transposed, rotated)) = g.winograd_input_grad(weight) {
+        return winograd_forward(&transposed, grad, &rotated, None);
+    }
     let (k, p) = (g.patch_len(), g.out_plane());
     let mut dx = vec![0f32; g.batch * g.cin * g.in_plane()];
     let w_t = MatRef::transposed(weight, k);
@@ -787,4 +847,165 @@ pub fn max_pool_backward(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> 
             }
         });
     dx
+}
+
+// Winograd F(2x2, 3x3) (Lavin and Gray, 2016): each 2x2 output tile is computed from a
+// 4x4 input tile with 16 multiplications per input channel instead of 36. The products
+// become 16 matrix products, one per position of the transformed tile, over all tiles of
+// the batch at once:
+//   U = G g G^T (weights), V = B^T d B (input tiles), M = U V (per position), Y = A^T M A.
+// Layouts keep each matrix product's operands strided views: U [cout][16][cin],
+// V [cin][16][tiles], M [cout][16][tiles].
+
+/// `G g G^T` for one 3x3 filter.
+fn winograd_filter(g: &[f32]) -> [f32; 16] {
+    let mut t = [[0f32; 3]; 4];
+    for c in 0..3 {
+        let (a, b, d) = (g[c], g[3 + c], g[6 + c]);
+        t[0][c] = a;
+        t[1][c] = 0.5 * (a + b + d);
+        t[2][c] = 0.5 * (a - b + d);
+        t[3][c] = d;
+    }
+    let mut u = [0f32; 16];
+    for r in 0..4 {
+        let [a, b, d] = t[r];
+        u[r * 4..r * 4 + 4].copy_from_slice(&[a, 0.5 * (a + b + d), 0.5 * (a - b + d), d]);
+    }
+    u
+}
+
+/// `B^T d B` for one 4x4 input tile.
+#[inline(always)]
+fn winograd_input_tile(d: &[f32; 16]) -> [f32; 16] {
+    let mut t = [0f32; 16];
+    for c in 0..4 {
+        let (d0, d1, d2, d3) = (d[c], d[4 + c], d[8 + c], d[12 + c]);
+        t[c] = d0 - d2;
+        t[4 + c] = d1 + d2;
+        t[8 + c] = d2 - d1;
+        t[12 + c] = d1 - d3;
+    }
+    let mut v = [0f32; 16];
+    for r in 0..4 {
+        let (t0, t1, t2, t3) = (t[r * 4], t[r * 4 + 1], t[r * 4 + 2], t[r * 4 + 3]);
+        v[r * 4..r * 4 + 4].copy_from_slice(&[t0 - t2, t1 + t2, t2 - t1, t1 - t3]);
+    }
+    v
+}
+
+/// `A^T m A`: the 2x2 output tile, row-major.
+#[inline(always)]
+fn winograd_output_tile(m: &[f32; 16]) -> [f32; 4] {
+    let mut t = [[0f32; 4]; 2];
+    for c in 0..4 {
+        let (m0, m1, m2, m3) = (m[c], m[4 + c], m[8 + c], m[12 + c]);
+        t[0][c] = m0 + m1 + m2;
+        t[1][c] = m1 - m2 - m3;
+    }
+    let row = |r: [f32; 4]| [r[0] + r[1] + r[2], r[1] - r[2] - r[3]];
+    let (top, bottom) = (row(t[0]), row(t[1]));
+    [top[0], top[1], bottom[0], bottom[1]]
+}
+
+/// A 3x3 stride-1 dense convolution by Winograd F(2x2, 3x3).
+fn winograd_forward(g: &ConvGeometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let (tiles_h, tiles_w) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+    let tiles = tiles_h * tiles_w;
+    let all_tiles = g.batch * tiles;
+
+    let mut u = vec![0f32; g.cout * 16 * g.cin];
+    u.par_chunks_mut(16 * g.cin)
+        .enumerate()
+        .for_each(|(co, u)| {
+            for ci in 0..g.cin {
+                let filter = winograd_filter(&weight[(co * g.cin + ci) * 9..][..9]);
+                for (xi, value) in filter.into_iter().enumerate() {
+                    u[xi * g.cin + ci] = value;
+                }
+            }
+        });
+
+    let mut v = vec![0f32; g.cin * 16 * all_tiles];
+    v.par_chunks_mut(16 * all_tiles)
+        .enumerate()
+        .for_each(|(ci, v)| winograd_input_channel(g, x, ci, tiles_w, tiles, v));
+
+    let mut m = vec![0f32; g.cout * 16 * all_tiles];
+    let threads = Parallelism::Rayon(rayon::current_num_threads());
+    for xi in 0..16 {
+        let lhs = MatRef {
+            data: &u[xi * g.cin..],
+            row_stride: (16 * g.cin) as isize,
+            col_stride: 1,
+        };
+        let rhs = MatRef {
+            data: &v[xi * all_tiles..],
+            row_stride: (16 * all_tiles) as isize,
+            col_stride: 1,
+        };
+        let out = &mut m[xi * all_tiles..];
+        let dims = (g.cout, all_tiles, g.cin);
+        matmul_with(out, 16 * all_tiles, lhs, rhs, dims, false, threads);
+    }
+
+    let mut y = vec![0f32; g.batch * g.cout * g.out_plane()];
+    y.par_chunks_mut(g.out_plane())
+        .enumerate()
+        .for_each(|(plane, y)| {
+            let (n, co) = (plane / g.cout, plane % g.cout);
+            let m = &m[co * 16 * all_tiles..][..16 * all_tiles];
+            let b = bias.map_or(0.0, |b| b[co]);
+            for t in 0..tiles {
+                let column = n * tiles + t;
+                let tile: [f32; 16] = std::array::from_fn(|xi| m[xi * all_tiles + column]);
+                let out = winograd_output_tile(&tile);
+                let (oy, ox) = (t / tiles_w * 2, t % tiles_w * 2);
+                for (i, value) in out.into_iter().enumerate() {
+                    let (r, c) = (oy + i / 2, ox + i % 2);
+                    if r < g.oh && c < g.ow {
+                        y[r * g.ow + c] = value + b;
+                    }
+                }
+            }
+        });
+    y
+}
+
+/// Transformed tiles of input channel `ci`, all images: `v` is `[16][images * tiles]`.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn winograd_input_channel(
+    g: &ConvGeometry,
+    x: &[f32],
+    ci: usize,
+    tiles_w: usize,
+    tiles: usize,
+    v: &mut [f32],
+) {
+    let all_tiles = v.len() / 16;
+    for n in 0..g.batch {
+        let plane = &x[(n * g.cin + ci) * g.in_plane()..][..g.in_plane()];
+        for t in 0..tiles {
+            let (oy, ox) = (t / tiles_w * 2, t % tiles_w * 2);
+            let mut d = [0f32; 16];
+            for r in 0..4 {
+                let Some(iy) = (oy + r).checked_sub(g.pad_top).filter(|&iy| iy < g.h) else {
+                    continue;
+                };
+                for c in 0..4 {
+                    if let Some(ix) = (ox + c).checked_sub(g.pad_left).filter(|&ix| ix < g.w) {
+                        d[r * 4 + c] = plane[iy * g.w + ix];
+                    }
+                }
+            }
+            let column = n * tiles + t;
+            for (xi, value) in winograd_input_tile(&d).into_iter().enumerate() {
+                v[xi * all_tiles + column] = value;
+            }
+        }
+    }
 }
