@@ -2,7 +2,7 @@
 print the BENCHMARKS.md table (ratios retrain / PyTorch; for head-only, PyTorch time /
 retrain time). Dev-only.
 
-    python tools/bench.py --retrain target/debug/retrain --threads 2 > bench.md
+    python tools/bench.py --threads 2 --repeats 3 > bench.md
 """
 
 import argparse
@@ -23,7 +23,7 @@ def run(cmd, threads):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--retrain", default="target/debug/retrain")
+    ap.add_argument("--retrain", default="target/release/retrain")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--archs", default="mobilenet_v2,resnet18")
     ap.add_argument("--workloads", default="inference,full,partial,head")
@@ -38,14 +38,19 @@ def main():
                 theirs.append(run([sys.executable, str(HERE / "bench_torch.py"), "--arch", arch,
                                    "--workload", w, "--threads", str(a.threads)], a.threads))
                 print(json.dumps(ours[-1]), json.dumps(theirs[-1]), file=sys.stderr)
-            med = lambda rs, k: sorted(r[k] for r in rs)[len(rs) // 2]
-            mem = (med(ours, "peak_memory_mib"), med(theirs, "peak_memory_mib"))
+            med = lambda xs: sorted(xs)[len(xs) // 2]
+            col = lambda rs, k: [r[k] for r in rs]
+            mem = (med(col(ours, "peak_memory_mib")), med(col(theirs, "peak_memory_mib")))
+            # Each repeat runs ours and PyTorch's back to back; the ratio is the median of
+            # those paired ratios, which cancels most of the machine's drift.
             if w == "head":
-                o, t = med(ours, "seconds"), med(theirs, "seconds")
-                rows.append((arch, w, f"{o:.1f} s", f"{t:.1f} s", f"{t / o:.1f}x faster", *mem))
+                o, t = col(ours, "seconds"), col(theirs, "seconds")
+                ratio = med([b / a for a, b in zip(o, t)])
+                rows.append((arch, w, f"{med(o):.1f} s", f"{med(t):.1f} s", f"{ratio:.1f}x faster", *mem))
             else:
-                o, t = med(ours, "images_per_second"), med(theirs, "images_per_second")
-                rows.append((arch, w, f"{o:.1f} img/s", f"{t:.1f} img/s", f"{o / t:.2f}x", *mem))
+                o, t = col(ours, "images_per_second"), col(theirs, "images_per_second")
+                ratio = med([a / b for a, b in zip(o, t)])
+                rows.append((arch, w, f"{med(o):.1f} img/s", f"{med(t):.1f} img/s", f"{ratio:.2f}x", *mem))
     print("| model | workload | retrain | PyTorch | ratio | retrain peak MiB | PyTorch peak MiB |")
     print("|---|---|---|---|---|---|---|")
     for arch, w, o, t, r, mo, mt in rows:
