@@ -3,8 +3,10 @@
 //!
 //! [`Kernels`] is a backend extension: burn routes a call to the implementation for the
 //! tensor's backend, `Flex` for plain CPU tensors and `Autodiff<Flex>` while training,
-//! where the backward pass is registered by hand. Models call [`conv2d`] and [`relu6`];
-//! on any other device (wgpu) those fall back to burn's own operations.
+//! where the backward pass is registered by hand. Models call [`conv2d`], [`relu6`],
+//! [`max_pool2d`], [`batch_norm_train`] and [`batch_norm_eval`]; on any other device (wgpu)
+//! those fall back to burn's own operations. Every kernel is checked against burn's generic
+//! implementation, forward and gradients, in this module's tests.
 
 mod cpu;
 
@@ -26,12 +28,13 @@ use burn::nn::pool::MaxPool2d;
 use burn::prelude::*;
 use burn::tensor::{BoolStore, DType};
 
-pub use cpu::ConvGeometry;
+use cpu::ConvGeometry;
 
 /// Operations with native CPU kernels (see the module documentation).
 #[backend_extension(Flex, Autodiff)]
 pub trait Kernels: Backend {
-    /// A bias-free 2-D convolution: burn-flex's forward, the native backward.
+    /// A bias-free 2-D convolution: native forward and backward (burn-flex's own forward for
+    /// depthwise convolutions, and burn's generic code for what [`ConvGeometry`] rejects).
     fn conv2d_native(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
