@@ -110,7 +110,7 @@ impl ConvGeometry {
             && self.ow == self.w
     }
 
-    /// 3x3 stride-1 dense convolutions go through Winograd's F(2x2, 3x3).
+    /// 3x3 stride-1 dense convolutions go through Winograd's F(4x4, 3x3).
     fn is_winograd(&self) -> bool {
         !self.depthwise && self.kh == 3 && self.kw == 3 && self.sh == 1 && self.sw == 1
     }
@@ -849,73 +849,105 @@ pub fn max_pool_backward(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> 
     dx
 }
 
-// Winograd F(2x2, 3x3) (Lavin and Gray, 2016): each 2x2 output tile is computed from a
-// 4x4 input tile with 16 multiplications per input channel instead of 36. The products
-// become 16 matrix products, one per position of the transformed tile, over all tiles of
+// Winograd F(4x4, 3x3) (Lavin and Gray, 2016): each 4x4 output tile is computed from a
+// 6x6 input tile with 36 multiplications per input channel instead of 144. The products
+// become 36 matrix products, one per position of the transformed tile, over all tiles of
 // the batch at once:
-//   U = G g G^T (weights), V = B^T d B (input tiles), M = U V (per position), Y = A^T M A.
-// Layouts keep each matrix product's operands strided views: U [cout][16][cin],
-// V [cin][16][tiles], M [cout][16][tiles].
+//   U = G g G^T (weights), V = B^T d B (input tiles), M = U V (per position), Y = A^T M A,
+// with the interpolation points 0, 1, -1, 2, -2 and infinity. Layouts keep each matrix
+// product's operands strided views: U [cout][36][cin], V [cin][36][tiles],
+// M [cout][36][tiles].
 
-/// `G g G^T` for one 3x3 filter.
-fn winograd_filter(g: &[f32]) -> [f32; 16] {
-    let mut t = [[0f32; 3]; 4];
-    for c in 0..3 {
-        let (a, b, d) = (g[c], g[3 + c], g[6 + c]);
-        t[0][c] = a;
-        t[1][c] = 0.5 * (a + b + d);
-        t[2][c] = 0.5 * (a - b + d);
-        t[3][c] = d;
-    }
-    let mut u = [0f32; 16];
-    for r in 0..4 {
-        let [a, b, d] = t[r];
-        u[r * 4..r * 4 + 4].copy_from_slice(&[a, 0.5 * (a + b + d), 0.5 * (a - b + d), d]);
+/// Output tile side.
+const TILE: usize = 4;
+/// Transformed tile side and number of positions.
+const SIDE: usize = 6;
+const POSITIONS: usize = SIDE * SIDE;
+
+/// `G x` for one filter column or row.
+#[inline(always)]
+fn filter_1d([g0, g1, g2]: [f32; 3]) -> [f32; SIDE] {
+    let even = g0 + g2;
+    [
+        0.25 * g0,
+        -(even + g1) / 6.0,
+        -(even - g1) / 6.0,
+        g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+        g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+        g2,
+    ]
+}
+
+/// `B^T x` for one input-tile column or row.
+#[inline(always)]
+fn input_1d([d0, d1, d2, d3, d4, d5]: [f32; SIDE]) -> [f32; SIDE] {
+    [
+        4.0 * d0 - 5.0 * d2 + d4,
+        -4.0 * (d1 + d2) + d3 + d4,
+        4.0 * (d1 - d2) - d3 + d4,
+        2.0 * (d3 - d1) - d2 + d4,
+        2.0 * (d1 - d3) - d2 + d4,
+        4.0 * d1 - 5.0 * d3 + d5,
+    ]
+}
+
+/// `A^T x` for one transformed column or row.
+#[inline(always)]
+fn output_1d([m0, m1, m2, m3, m4, m5]: [f32; SIDE]) -> [f32; TILE] {
+    let (sum12, diff12, sum34, diff34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+    [
+        m0 + sum12 + sum34,
+        diff12 + 2.0 * diff34,
+        sum12 + 4.0 * sum34,
+        diff12 + 8.0 * diff34 + m5,
+    ]
+}
+
+/// `G g G^T` for one 3x3 filter, row-major.
+fn winograd_filter(g: &[f32]) -> [f32; POSITIONS] {
+    let columns: [[f32; SIDE]; 3] = std::array::from_fn(|c| filter_1d([g[c], g[3 + c], g[6 + c]]));
+    let mut u = [0f32; POSITIONS];
+    for r in 0..SIDE {
+        let row = filter_1d([columns[0][r], columns[1][r], columns[2][r]]);
+        u[r * SIDE..(r + 1) * SIDE].copy_from_slice(&row);
     }
     u
 }
 
-/// `B^T d B` for one 4x4 input tile.
+/// `B^T d B` for one 6x6 input tile, row-major.
 #[inline(always)]
-fn winograd_input_tile(d: &[f32; 16]) -> [f32; 16] {
-    let mut t = [0f32; 16];
-    for c in 0..4 {
-        let (d0, d1, d2, d3) = (d[c], d[4 + c], d[8 + c], d[12 + c]);
-        t[c] = d0 - d2;
-        t[4 + c] = d1 + d2;
-        t[8 + c] = d2 - d1;
-        t[12 + c] = d1 - d3;
-    }
-    let mut v = [0f32; 16];
-    for r in 0..4 {
-        let (t0, t1, t2, t3) = (t[r * 4], t[r * 4 + 1], t[r * 4 + 2], t[r * 4 + 3]);
-        v[r * 4..r * 4 + 4].copy_from_slice(&[t0 - t2, t1 + t2, t2 - t1, t1 - t3]);
+fn winograd_input_tile(d: &[f32; POSITIONS]) -> [f32; POSITIONS] {
+    let columns: [[f32; SIDE]; SIDE] =
+        std::array::from_fn(|c| input_1d(std::array::from_fn(|r| d[r * SIDE + c])));
+    let mut v = [0f32; POSITIONS];
+    for r in 0..SIDE {
+        let row = input_1d(std::array::from_fn(|c| columns[c][r]));
+        v[r * SIDE..(r + 1) * SIDE].copy_from_slice(&row);
     }
     v
 }
 
-/// `A^T m A`: the 2x2 output tile, row-major.
+/// `A^T m A`: the 4x4 output tile, row-major.
 #[inline(always)]
-fn winograd_output_tile(m: &[f32; 16]) -> [f32; 4] {
-    let mut t = [[0f32; 4]; 2];
-    for c in 0..4 {
-        let (m0, m1, m2, m3) = (m[c], m[4 + c], m[8 + c], m[12 + c]);
-        t[0][c] = m0 + m1 + m2;
-        t[1][c] = m1 - m2 - m3;
+fn winograd_output_tile(m: &[f32; POSITIONS]) -> [f32; TILE * TILE] {
+    let columns: [[f32; TILE]; SIDE] =
+        std::array::from_fn(|c| output_1d(std::array::from_fn(|r| m[r * SIDE + c])));
+    let mut y = [0f32; TILE * TILE];
+    for r in 0..TILE {
+        let row = output_1d(std::array::from_fn(|c| columns[c][r]));
+        y[r * TILE..(r + 1) * TILE].copy_from_slice(&row);
     }
-    let row = |r: [f32; 4]| [r[0] + r[1] + r[2], r[1] - r[2] - r[3]];
-    let (top, bottom) = (row(t[0]), row(t[1]));
-    [top[0], top[1], bottom[0], bottom[1]]
+    y
 }
 
-/// A 3x3 stride-1 dense convolution by Winograd F(2x2, 3x3).
+/// A 3x3 stride-1 dense convolution by Winograd F(4x4, 3x3).
 fn winograd_forward(g: &ConvGeometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    let (tiles_h, tiles_w) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+    let (tiles_h, tiles_w) = (g.oh.div_ceil(TILE), g.ow.div_ceil(TILE));
     let tiles = tiles_h * tiles_w;
     let all_tiles = g.batch * tiles;
 
-    let mut u = vec![0f32; g.cout * 16 * g.cin];
-    u.par_chunks_mut(16 * g.cin)
+    let mut u = vec![0f32; g.cout * POSITIONS * g.cin];
+    u.par_chunks_mut(POSITIONS * g.cin)
         .enumerate()
         .for_each(|(co, u)| {
             for ci in 0..g.cin {
@@ -926,27 +958,27 @@ fn winograd_forward(g: &ConvGeometry, x: &[f32], weight: &[f32], bias: Option<&[
             }
         });
 
-    let mut v = vec![0f32; g.cin * 16 * all_tiles];
-    v.par_chunks_mut(16 * all_tiles)
+    let mut v = vec![0f32; g.cin * POSITIONS * all_tiles];
+    v.par_chunks_mut(POSITIONS * all_tiles)
         .enumerate()
         .for_each(|(ci, v)| winograd_input_channel(g, x, ci, tiles_w, tiles, v));
 
-    let mut m = vec![0f32; g.cout * 16 * all_tiles];
+    let mut m = vec![0f32; g.cout * POSITIONS * all_tiles];
     let threads = Parallelism::Rayon(rayon::current_num_threads());
-    for xi in 0..16 {
+    for xi in 0..POSITIONS {
         let lhs = MatRef {
             data: &u[xi * g.cin..],
-            row_stride: (16 * g.cin) as isize,
+            row_stride: (POSITIONS * g.cin) as isize,
             col_stride: 1,
         };
         let rhs = MatRef {
             data: &v[xi * all_tiles..],
-            row_stride: (16 * all_tiles) as isize,
+            row_stride: (POSITIONS * all_tiles) as isize,
             col_stride: 1,
         };
         let out = &mut m[xi * all_tiles..];
         let dims = (g.cout, all_tiles, g.cin);
-        matmul_with(out, 16 * all_tiles, lhs, rhs, dims, false, threads);
+        matmul_with(out, POSITIONS * all_tiles, lhs, rhs, dims, false, threads);
     }
 
     let mut y = vec![0f32; g.batch * g.cout * g.out_plane()];
@@ -954,17 +986,18 @@ fn winograd_forward(g: &ConvGeometry, x: &[f32], weight: &[f32], bias: Option<&[
         .enumerate()
         .for_each(|(plane, y)| {
             let (n, co) = (plane / g.cout, plane % g.cout);
-            let m = &m[co * 16 * all_tiles..][..16 * all_tiles];
+            let m = &m[co * POSITIONS * all_tiles..][..POSITIONS * all_tiles];
             let b = bias.map_or(0.0, |b| b[co]);
             for t in 0..tiles {
                 let column = n * tiles + t;
-                let tile: [f32; 16] = std::array::from_fn(|xi| m[xi * all_tiles + column]);
+                let tile: [f32; POSITIONS] = std::array::from_fn(|xi| m[xi * all_tiles + column]);
                 let out = winograd_output_tile(&tile);
-                let (oy, ox) = (t / tiles_w * 2, t % tiles_w * 2);
-                for (i, value) in out.into_iter().enumerate() {
-                    let (r, c) = (oy + i / 2, ox + i % 2);
-                    if r < g.oh && c < g.ow {
-                        y[r * g.ow + c] = value + b;
+                let (oy, ox) = (t / tiles_w * TILE, t % tiles_w * TILE);
+                for r in 0..TILE.min(g.oh - oy) {
+                    let cols = TILE.min(g.ow - ox);
+                    let dst = &mut y[(oy + r) * g.ow + ox..][..cols];
+                    for (d, value) in dst.iter_mut().zip(&out[r * TILE..]) {
+                        *d = value + b;
                     }
                 }
             }
@@ -972,7 +1005,7 @@ fn winograd_forward(g: &ConvGeometry, x: &[f32], weight: &[f32], bias: Option<&[
     y
 }
 
-/// Transformed tiles of input channel `ci`, all images: `v` is `[16][images * tiles]`.
+/// Transformed tiles of input channel `ci`, all images: `v` is `[36][images * tiles]`.
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
     "x86_64+avx2+fma",
@@ -986,19 +1019,19 @@ fn winograd_input_channel(
     tiles: usize,
     v: &mut [f32],
 ) {
-    let all_tiles = v.len() / 16;
+    let all_tiles = v.len() / POSITIONS;
     for n in 0..g.batch {
         let plane = &x[(n * g.cin + ci) * g.in_plane()..][..g.in_plane()];
         for t in 0..tiles {
-            let (oy, ox) = (t / tiles_w * 2, t % tiles_w * 2);
-            let mut d = [0f32; 16];
-            for r in 0..4 {
+            let (oy, ox) = (t / tiles_w * TILE, t % tiles_w * TILE);
+            let mut d = [0f32; POSITIONS];
+            for r in 0..SIDE {
                 let Some(iy) = (oy + r).checked_sub(g.pad_top).filter(|&iy| iy < g.h) else {
                     continue;
                 };
-                for c in 0..4 {
+                for c in 0..SIDE {
                     if let Some(ix) = (ox + c).checked_sub(g.pad_left).filter(|&ix| ix < g.w) {
-                        d[r * 4 + c] = plane[iy * g.w + ix];
+                        d[r * SIDE + c] = plane[iy * g.w + ix];
                     }
                 }
             }
