@@ -1,11 +1,14 @@
 //! The f32 CPU kernels behind [`super::Kernels`] on burn-flex, on plain NCHW slices.
 //!
-//! burn-flex has fast forward convolutions but no convolution backward of its own: its
-//! input gradient goes through a generic transposed convolution and a depthwise weight
-//! gradient runs one small convolution per channel. These are the two backward passes that
-//! dominate a MobileNet or ResNet training step, written directly: depthwise as loops over
-//! one plane at a time, dense as im2col and two GEMMs per image (the `gemm` crate, which
-//! burn-flex itself uses). Work is split over images and planes with rayon.
+//! burn-flex has no convolution backward of its own: its input gradient goes through a
+//! generic transposed convolution and a depthwise weight gradient runs one small
+//! convolution per channel; its BatchNorm, ReLU6 and max pooling are compositions of
+//! generic operations. Written directly here: depthwise convolution as loops over one
+//! plane at a time, dense convolution as im2col and GEMMs per image (the `gemm` crate,
+//! which burn-flex itself uses), 3x3 stride-1 convolution by Winograd F(4x4, 3x3), and
+//! single-pass BatchNorm, ReLU6 and pooling. Work is split over images, planes and
+//! channels with rayon; the hot loops are compiled for several instruction sets
+//! (`multiversion`) because the crate's baseline target is plain SSE2.
 
 use burn::backend::ops::ConvOptions;
 use gemm::Parallelism;
