@@ -179,25 +179,28 @@ impl ConvGeometry {
     }
 }
 
-/// Sum of products with sixteen independent accumulators, so the compiler vectorises it.
+/// The sum of `term(a[i], b[i])`, in sixteen independent accumulators so that the
+/// compiler vectorises it (a single running sum would have to stay in order). Whole
+/// 16-element chunks, not indices: with indices the loop did not vectorise as well
+/// (a MobileNetV2 step measured 9% slower).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn sum16(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f32 {
+    let b = &b[..a.len()];
+    let (a_chunks, a_tail) = a.as_chunks::<16>();
+    let (b_chunks, b_tail) = b.as_chunks::<16>();
     let mut acc = [0f32; 16];
-    let chunks = a.len() / 16 * 16;
-    for (ca, cb) in a[..chunks]
-        .chunks_exact(16)
-        .zip(b[..chunks].chunks_exact(16))
-    {
+    for (x, y) in a_chunks.iter().zip(b_chunks) {
         for i in 0..16 {
-            acc[i] += ca[i] * cb[i];
+            acc[i] += term(x[i], y[i]);
         }
     }
-    let tail: f32 = a[chunks..]
-        .iter()
-        .zip(&b[chunks..])
-        .map(|(x, y)| x * y)
-        .sum();
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(&x, &y)| term(x, y)).sum();
     acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    sum16(a, b, |x, y| x * y)
 }
 
 /// Depthwise input gradient.
@@ -704,14 +707,7 @@ pub fn batch_norm_backward_in_place(
     "aarch64+neon"
 ))]
 fn sum_f32(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = x.len() / 16 * 16;
-    for c in x[..chunks].chunks_exact(16) {
-        for i in 0..16 {
-            acc[i] += c[i];
-        }
-    }
-    acc.iter().sum::<f32>() + x[chunks..].iter().sum::<f32>()
+    sum16(x, x, |v, _| v)
 }
 
 #[multiversion(targets(
@@ -720,16 +716,7 @@ fn sum_f32(x: &[f32]) -> f32 {
     "aarch64+neon"
 ))]
 fn centred_squares(x: &[f32], mean: f32) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = x.len() / 16 * 16;
-    for c in x[..chunks].chunks_exact(16) {
-        for i in 0..16 {
-            let d = c[i] - mean;
-            acc[i] += d * d;
-        }
-    }
-    let tail: f32 = x[chunks..].iter().map(|v| (v - mean) * (v - mean)).sum();
-    acc.iter().sum::<f32>() + tail
+    sum16(x, x, |v, _| (v - mean) * (v - mean))
 }
 
 /// `sum(dy * (x - mean))`.
@@ -739,22 +726,7 @@ fn centred_squares(x: &[f32], mean: f32) -> f32 {
     "aarch64+neon"
 ))]
 fn centred_dot(dy: &[f32], x: &[f32], mean: f32) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = dy.len() / 16 * 16;
-    for (d, v) in dy[..chunks]
-        .chunks_exact(16)
-        .zip(x[..chunks].chunks_exact(16))
-    {
-        for i in 0..16 {
-            acc[i] += d[i] * (v[i] - mean);
-        }
-    }
-    let tail: f32 = dy[chunks..]
-        .iter()
-        .zip(&x[chunks..])
-        .map(|(d, v)| d * (v - mean))
-        .sum();
-    acc.iter().sum::<f32>() + tail
+    sum16(dy, x, |d, v| d * (v - mean))
 }
 
 #[multiversion(targets(

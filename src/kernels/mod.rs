@@ -14,7 +14,7 @@ use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::{BoolTensorOps, ConvOptions, FloatTensorOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
@@ -330,25 +330,24 @@ impl Backward<Flex, 1> for Relu6Backward {
     type State = FlexTensor;
 
     fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node] = ops.parents;
-        let grad = grads.consume::<Flex>(&ops.node);
-        let Some(node) = node else { return };
         let output = ops.state;
-        let dx = match f32_view(&output) {
-            Some(y) if grad.dtype() == DType::F32 => {
-                let mut dx = into_owned_f32(grad);
-                let len = dx.layout().num_elements();
-                cpu::relu6_backward_in_place(slice(&y), &mut dx.storage_mut::<f32>()[..len]);
-                dx
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            match f32_view(&output) {
+                Some(y) if grad.dtype() == DType::F32 => {
+                    let mut dx = into_owned_f32(grad);
+                    let len = dx.layout().num_elements();
+                    cpu::relu6_backward_in_place(slice(&y), &mut dx.storage_mut::<f32>()[..len]);
+                    dx
+                }
+                _ => {
+                    let inside =
+                        Flex::float_lower_elem(output.clone(), 6f32.into(), BoolStore::Native);
+                    let positive = Flex::float_greater_elem(output, 0f32.into(), BoolStore::Native);
+                    let keep = Flex::bool_and(inside, positive);
+                    Flex::float_mask_fill(grad, Flex::bool_not(keep), 0f32.into())
+                }
             }
-            _ => {
-                let inside = Flex::float_lower_elem(output.clone(), 6f32.into(), BoolStore::Native);
-                let positive = Flex::float_greater_elem(output, 0f32.into(), BoolStore::Native);
-                let keep = Flex::bool_and(inside, positive);
-                Flex::float_mask_fill(grad, Flex::bool_not(keep), 0f32.into())
-            }
-        };
-        grads.register::<Flex>(node.id, dx);
+        });
     }
 }
 
@@ -367,20 +366,22 @@ impl Backward<Flex, 1> for MaxPoolBackward {
     type State = MaxPoolState;
 
     fn backward(self, ops: Ops<MaxPoolState, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node] = ops.parents;
-        let grad = grads.consume::<Flex>(&ops.node);
-        let Some(node) = node else { return };
         let MaxPoolState {
             x,
             kernel,
             stride,
             padding,
         } = ops.state;
-        let x_shape = dims4(&x);
-        let g = ConvGeometry::pool(x_shape, kernel, stride, padding).expect("checked in forward");
-        let (x, dy) = (f32_view(&x).expect("f32"), f32_view(&grad).expect("f32"));
-        let dx = cpu::max_pool_backward(&g, slice(&x), slice(&dy));
-        grads.register::<Flex>(node.id, flex_tensor(dx, x_shape.to_vec()));
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            let x_shape = dims4(&x);
+            let g =
+                ConvGeometry::pool(x_shape, kernel, stride, padding).expect("checked in forward");
+            let (x, dy) = (f32_view(&x).expect("f32"), f32_view(&grad).expect("f32"));
+            flex_tensor(
+                cpu::max_pool_backward(&g, slice(&x), slice(&dy)),
+                x_shape.to_vec(),
+            )
+        });
     }
 }
 
