@@ -156,6 +156,12 @@ impl ConvGeometry {
         Some((transposed, rotated))
     }
 
+    /// The kernel rows of output row `oy`'s window that fall inside the image, each with
+    /// its input row.
+    fn window_rows(&self, oy: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.kh).filter_map(move |ky| self.input_row(oy, ky).map(|iy| (ky, iy)))
+    }
+
     /// The input row feeding output row `oy` through kernel row `ky`, if inside the image.
     fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
         (oy * self.sh + ky)
@@ -225,10 +231,7 @@ pub fn depthwise_backward_input(g: &ConvGeometry, weight: &[f32], grad: &[f32]) 
 fn depthwise_plane_input_grad(g: &ConvGeometry, w: &[f32], dy: &[f32], dx: &mut [f32]) {
     for oy in 0..g.oh {
         let dy_row = &dy[oy * g.ow..][..g.ow];
-        for ky in 0..g.kh {
-            let Some(iy) = g.input_row(oy, ky) else {
-                continue;
-            };
+        for (ky, iy) in g.window_rows(oy) {
             let dx_row = &mut dx[iy * g.w..][..g.w];
             for kx in 0..g.kw {
                 let wv = w[ky * g.kw + kx];
@@ -283,10 +286,7 @@ fn depthwise_plane_weight_grad(
 ) {
     for oy in 0..g.oh {
         let dy_row = &dy[oy * g.ow..][..g.ow];
-        for ky in 0..g.kh {
-            let Some(iy) = g.input_row(oy, ky) else {
-                continue;
-            };
+        for (ky, iy) in g.window_rows(oy) {
             let x_row = &x[iy * g.w..][..g.w];
             for kx in 0..g.kw {
                 let (lo, hi, ix) = g.column_span(kx);
@@ -769,10 +769,7 @@ pub fn max_pool_forward(g: &ConvGeometry, x: &[f32]) -> Vec<f32> {
 fn max_pool_plane(g: &ConvGeometry, x: &[f32], y: &mut [f32]) {
     for oy in 0..g.oh {
         let y_row = &mut y[oy * g.ow..][..g.ow];
-        for ky in 0..g.kh {
-            let Some(iy) = g.input_row(oy, ky) else {
-                continue;
-            };
+        for (_, iy) in g.window_rows(oy) {
             let x_row = &x[iy * g.w..][..g.w];
             for kx in 0..g.kw {
                 let (lo, hi, ix) = g.column_span(kx);
@@ -798,10 +795,7 @@ pub fn max_pool_backward(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> 
             for oy in 0..g.oh {
                 for ox in 0..g.ow {
                     let mut best: Option<(usize, f32)> = None;
-                    for ky in 0..g.kh {
-                        let Some(iy) = g.input_row(oy, ky) else {
-                            continue;
-                        };
+                    for (_, iy) in g.window_rows(oy) {
                         for kx in 0..g.kw {
                             let Some(ix) = (ox * g.sw + kx).checked_sub(g.pad_left) else {
                                 continue;
