@@ -79,6 +79,8 @@ pub trait Kernels: Backend {
 
 /// The output of [`Kernels::batch_norm_train_native`]: the normalised input and the batch
 /// mean and biased variance per channel (the latter two outside the autodiff graph).
+/// burn's own `BatchNormTrain` has the same fields but cannot cross the extension's
+/// dispatch boundary, which needs `ExtensionType`.
 #[derive(ExtensionType)]
 pub struct BatchNormStats<B: Backend> {
     pub output: FloatTensor<B>,
@@ -801,31 +803,22 @@ mod tests {
         );
     }
 
-    struct Case {
-        name: &'static str,
-        x: [usize; 4],
-        cout: usize,
-        kernel: usize,
-        stride: usize,
-        /// (top, bottom, left, right)
-        padding: [usize; 4],
-        depthwise: bool,
-    }
+    /// One convolution to check: name, input shape, output channels, kernel size, stride
+    /// and padding as (top, bottom, left, right).
+    type Case = (&'static str, [usize; 4], usize, usize, usize, [usize; 4]);
 
-    fn check(case: &Case) {
+    fn check(depthwise: bool, (name, x_shape, cout, kernel, stride, padding): Case) {
         let device = Device::flex().autodiff();
-        let [_, cin, _, _] = case.x;
-        let per_group = if case.depthwise { 1 } else { cin };
-        let groups = if case.depthwise { cin } else { 1 };
-        let w_shape = [case.cout, per_group, case.kernel, case.kernel];
-        let [t, b, l, r] = case.padding;
-        let options =
-            ConvOptions::new_with_padding([case.stride; 2], [(t, b), (l, r)], [1, 1], groups);
-        let geometry = ConvGeometry::new(case.x, w_shape, &options).expect("a native case");
-        assert_eq!(geometry.depthwise, case.depthwise, "{}", case.name);
+        let cin = x_shape[1];
+        let (per_group, groups) = if depthwise { (1, cin) } else { (cin, 1) };
+        let w_shape = [cout, per_group, kernel, kernel];
+        let [t, b, l, r] = padding;
+        let options = ConvOptions::new_with_padding([stride; 2], [(t, b), (l, r)], [1, 1], groups);
+        let geometry = ConvGeometry::new(x_shape, w_shape, &options).expect("a native case");
+        assert_eq!(geometry.depthwise, depthwise, "{name}");
 
         let normal = Distribution::Normal(0.0, 1.0);
-        let x = Tensor::<4>::random(case.x, normal, &device);
+        let x = Tensor::<4>::random(x_shape, normal, &device);
         let w = Tensor::<4>::random(w_shape, normal, &device);
         let run = |native: bool| {
             let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
@@ -841,9 +834,9 @@ mod tests {
         };
         let (y, dx, dw) = run(true);
         let (y_ref, dx_ref, dw_ref) = run(false);
-        assert_close(&format!("{} forward", case.name), y, y_ref);
-        assert_close(&format!("{} input grad", case.name), dx, dx_ref);
-        assert_close(&format!("{} weight grad", case.name), dw, dw_ref);
+        assert_close(&format!("{} forward", name), y, y_ref);
+        assert_close(&format!("{} input grad", name), dx, dx_ref);
+        assert_close(&format!("{} weight grad", name), dw, dw_ref);
     }
 
     #[test]
@@ -856,16 +849,7 @@ mod tests {
             ("3x3 s2 unpadded", [1, 4, 8, 5], 3, 2, [0, 0, 0, 0]),
         ];
         for (name, x, kernel, stride, padding) in cases {
-            let cout = x[1];
-            check(&Case {
-                name,
-                x,
-                cout,
-                kernel,
-                stride,
-                padding,
-                depthwise: true,
-            });
+            check(true, (name, x, x[1], kernel, stride, padding));
         }
     }
 
@@ -903,16 +887,8 @@ mod tests {
             ),
             ("7x7 s2", [1, 3, 15, 17], 4, 7, 2, [3, 3, 3, 3]),
         ];
-        for (name, x, cout, kernel, stride, padding) in cases {
-            check(&Case {
-                name,
-                x,
-                cout,
-                kernel,
-                stride,
-                padding,
-                depthwise: false,
-            });
+        for case in cases {
+            check(false, case);
         }
     }
 
