@@ -17,9 +17,10 @@ use crate::load::{LoadOptions, Loaded, load_pretrained, read_input};
 use crate::models::{Arch, ModelSpec, describe, detect};
 use crate::modules::{group, named_modules, render};
 use crate::output::{read_json, write_atomic, write_json, write_safetensors};
+use crate::ranges;
 use crate::report::plot_confusion;
 use crate::synth;
-use crate::train::{RunConfig, TrainOptions, train};
+use crate::train::{RunConfig, TrainOptions, holds_run, remove_run, resume, train};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -47,7 +48,7 @@ enum Command {
     Modules {
         #[arg(long)]
         arch: Option<Arch>,
-        #[arg(long)]
+        #[arg(long, value_parser = ranges::num_classes)]
         num_classes: Option<usize>,
         /// Show what this `--freeze` spec would freeze (as `train` takes it).
         #[arg(long)]
@@ -81,7 +82,7 @@ enum Command {
         arch: Option<Arch>,
         #[command(flatten)]
         weights: WeightsArgs,
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = ranges::at_least_one)]
         top_k: usize,
         #[arg(long)]
         json: bool,
@@ -99,7 +100,7 @@ enum Command {
         /// Class folders to evaluate on (default: the run's validation split).
         #[arg(long)]
         data: Option<PathBuf>,
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, value_parser = ranges::batch_size)]
         batch_size: usize,
         #[arg(long)]
         json: bool,
@@ -118,13 +119,13 @@ enum Command {
         arch: Arch,
         #[arg(long, value_enum)]
         workload: crate::bench::Workload,
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = bench_batch_size)]
         batch_size: usize,
-        #[arg(long, default_value_t = 224)]
+        #[arg(long, default_value_t = 224, value_parser = ranges::image_size)]
         image_size: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = ranges::at_least_one)]
         steps: usize,
         #[arg(long)]
         json: bool,
@@ -140,9 +141,9 @@ enum Command {
         kind: synth::Kind,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 60, value_parser = synth_per_class)]
         per_class: usize,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = synth_size)]
         size: u32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -156,11 +157,15 @@ struct TrainArgs {
     /// Run folder for config, split, metrics and checkpoints.
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
-    /// Continue the run in this folder where it stopped.
+    /// Continue the run in this folder where it stopped, with its own settings (only
+    /// `--epochs` may be given, to extend it).
     #[arg(long, conflicts_with = "out")]
     resume: Option<PathBuf>,
+    /// Remove the run already in `--out` (its files only) and start over.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// Total epochs [default: 10; on resume, the run's own].
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::at_least_one)]
     epochs: Option<usize>,
 }
 
@@ -174,8 +179,11 @@ struct CompareArgs {
     /// Regimes: head, partial (or partial:SPEC), full, scratch.
     #[arg(long, default_value = "head,partial,full,scratch")]
     regimes: String,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = ranges::at_least_one)]
     epochs: usize,
+    /// Train again the regimes whose folders hold runs made with other settings or data.
+    #[arg(long)]
+    retrain: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -193,6 +201,9 @@ struct WeightsArgs {
     /// Also write the load report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     load_report: Option<PathBuf>,
+    /// Use weights that hold NaN or infinite values (refused otherwise).
+    #[arg(long)]
+    allow_non_finite: bool,
 }
 
 impl WeightsArgs {
@@ -218,6 +229,9 @@ impl WeightsArgs {
             .context("--weights FILE is required for this command")?;
         let loaded = load_pretrained(path, &self.options(arch, num_classes), device)?;
         eprintln!("{}", loaded.report);
+        if !self.allow_non_finite {
+            loaded.report.refuse_non_finite()?;
+        }
         if let Some(out) = &self.load_report {
             write_atomic(
                 out,
@@ -244,7 +258,57 @@ pub fn device() -> Device {
     Device::flex()
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// The parsed command line and clap's matches (which say where each value came from).
+pub struct Invocation {
+    cli: Cli,
+    matches: clap::ArgMatches,
+}
+
+/// Parse `std::env::args`; a usage error exits 2 with clap's message.
+pub fn parse() -> Invocation {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    Invocation { cli, matches }
+}
+
+/// A usage error found after parsing, reported like clap's own (exit 2).
+fn usage_error(message: String) -> anyhow::Error {
+    use clap::CommandFactory;
+    Cli::command()
+        .error(clap::error::ErrorKind::ArgumentConflict, message)
+        .into()
+}
+
+fn bench_batch_size(text: &str) -> Result<usize, String> {
+    ranges::at_least_one(text).and_then(|n| {
+        if n <= 1024 {
+            Ok(n)
+        } else {
+            Err(format!("{n} is above 1024"))
+        }
+    })
+}
+
+fn synth_per_class(text: &str) -> Result<usize, String> {
+    ranges::at_least_one(text).and_then(|n| {
+        if n <= 100_000 {
+            Ok(n)
+        } else {
+            Err(format!("{n} is above 100000"))
+        }
+    })
+}
+
+fn synth_size(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(n) if (8..=1024).contains(&n) => Ok(n),
+        _ => Err(format!("'{text}' is not a side of 8 to 1024 pixels")),
+    }
+}
+
+pub fn run(invocation: Invocation) -> anyhow::Result<()> {
+    let Invocation { cli, matches } = invocation;
     match cli.command {
         Command::Inspect { file, key, json } => inspect(&file, key.as_deref(), json),
         Command::Modules {
@@ -287,7 +351,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             steps,
             json,
         } => bench_command(arch, workload, batch_size, image_size, warmup, steps, json),
-        Command::Train(args) => train_command(*args),
+        Command::Train(args) => train_command(*args, &matches),
         Command::Synth {
             kind,
             out,
@@ -304,6 +368,7 @@ fn compare_command(args: CompareArgs) -> anyhow::Result<()> {
         out,
         regimes,
         epochs,
+        retrain,
     } = args;
     options.epochs = epochs;
     let arch = match (options.arch, &options.weights) {
@@ -316,7 +381,7 @@ fn compare_command(args: CompareArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("pass --weights (and optionally --arch)"),
     };
     let regimes = parse_regimes(&regimes, arch)?;
-    let summary = compare(&options, &regimes, &out)?;
+    let summary = compare(&options, &regimes, &out, retrain)?;
     println!("\n{}", summary_markdown(&summary));
     println!("figure: {}", out.join("curves.png").display());
     Ok(())
@@ -382,25 +447,34 @@ fn bench_command(
     Ok(())
 }
 
-fn train_command(args: TrainArgs) -> anyhow::Result<()> {
-    let (options, out) = match args.resume {
-        Some(dir) => {
-            let config: RunConfig = read_json(&dir.join("config.json"))?;
-            let mut options = config.options;
-            if let Some(epochs) = args.epochs {
-                options.epochs = epochs;
-            }
-            (options, dir)
+fn train_command(args: TrainArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    if let Some(dir) = &args.resume {
+        let given = matches.subcommand_matches("train").map_or(Vec::new(), |m| {
+            m.ids()
+                .map(|id| id.as_str())
+                .filter(|id| !matches!(*id, "resume" | "epochs"))
+                .filter(|id| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+                .map(|id| format!("--{}", id.replace('_', "-")))
+                .collect()
+        });
+        if let Some(flag) = given.first() {
+            return Err(usage_error(format!(
+                "{flag} cannot be given with --resume: a resumed run keeps the settings in {} (only --epochs may extend it)",
+                dir.join("config.json").display()
+            )));
         }
-        None => {
-            let mut options = args.options;
-            options.epochs = args.epochs.unwrap_or(10);
-            (
-                options,
-                args.out.expect("clap requires --out without --resume"),
-            )
-        }
-    };
+        resume(dir, args.epochs)?;
+        return Ok(());
+    }
+    let out = args.out.expect("clap requires --out without --resume");
+    let mut options = args.options;
+    options.epochs = args.epochs.unwrap_or(10);
+    if args.overwrite && holds_run(&out) {
+        // Check everything that can be checked without the data before removing anything.
+        options.validate()?;
+        remove_run(&out)?;
+        eprintln!("removed the run that was in {}", out.display());
+    }
     train(&options, &out)?;
     Ok(())
 }
@@ -584,20 +658,41 @@ fn predict(
     };
     let size = preprocess.input_size;
     let mut predictions = Vec::new();
-    // Batches of images, decoded in parallel.
-    let paths = expand_images(images)?;
+    let (paths, warnings) = expand_images(images)?;
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+    let mut failed = 0;
+    // Batches of images, decoded in parallel; a file that cannot be read is reported and
+    // the others are still classified.
     for chunk in paths.chunks(16) {
-        let pixels = chunk
+        let loaded: Vec<(&PathBuf, Vec<f32>)> = chunk
             .par_iter()
-            .map(|p| preprocess.load(p))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let n = chunk.len();
-        let x = Tensor::<4>::from_data(
-            TensorData::new(pixels.concat(), [n, 3, size, size]),
-            &device,
-        );
+            .map(|p| (p, preprocess.load(p)))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .filter_map(|(p, result)| match result {
+                Ok((pixels, warning)) => {
+                    if let Some(w) = warning {
+                        eprintln!("warning: {w}");
+                    }
+                    Some((p, pixels))
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    failed += 1;
+                    None
+                }
+            })
+            .collect();
+        if loaded.is_empty() {
+            continue;
+        }
+        let n = loaded.len();
+        let pixels: Vec<f32> = loaded.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+        let x = Tensor::<4>::from_data(TensorData::new(pixels, [n, 3, size, size]), &device);
         let probs = to_vec(softmax(model.forward(x), 1))?;
-        for (path, probs) in chunk.iter().zip(probs.chunks(probs.len() / n)) {
+        for ((path, _), probs) in loaded.iter().zip(probs.chunks(probs.len() / n)) {
             let mut order: Vec<usize> = (0..probs.len()).collect();
             order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
             let top = order
@@ -607,7 +702,8 @@ fn predict(
                     index,
                     label: class_names
                         .as_ref()
-                        .map_or_else(|| format!("class {index}"), |n| n[index].clone()),
+                        .and_then(|n| n.get(index).cloned())
+                        .unwrap_or_else(|| format!("class {index}")),
                     prob: probs[index],
                 })
                 .collect();
@@ -626,6 +722,9 @@ fn predict(
                 println!("  {:>6.2}%  {} ({})", t.prob * 100.0, t.label, t.index);
             }
         }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} image(s) could not be read", paths.len());
     }
     Ok(())
 }

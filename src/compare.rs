@@ -6,11 +6,14 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::data::{Split, first_ten, sha256_file};
 use crate::models::Arch;
-use crate::output::read_json;
-use crate::output::{write_atomic, write_json};
+use crate::output::{read_json, write_atomic, write_json};
 use crate::report::{Curves, plot_curves, regime_color};
-use crate::train::{EpochMetrics, RunSummary, TrainOptions, peak_memory_mib, train};
+use crate::train::{
+    EpochMetrics, RunConfig, RunSummary, TrainOptions, holds_run, remove_run, resume,
+    train_on_split,
+};
 
 /// One regime of a comparison.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,63 +120,91 @@ fn reset_peak_memory() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// Train every regime into `out/REGIME/`, skipping those already finished, then write
-/// `curves.png`, `curves.svg`, `summary.md` and `summary.json` in `out`.
+/// Train every regime into `out/REGIME/`, reusing those already trained with the same
+/// settings, data and weights, then write `curves.png`, `curves.svg`, `summary.md` and
+/// `summary.json` in `out`. A regime trained otherwise is an error unless `retrain`.
 pub fn compare(
     base: &TrainOptions,
     regimes: &[Regime],
     out: &Path,
+    retrain: bool,
 ) -> anyhow::Result<ComparisonSummary> {
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    base.validate()?;
     let data = base.data.as_deref().context("--data DIR is required")?;
-    // One split for every regime.
+    // One split for every regime, made from the data as it is now.
+    let split = Split::make(data, base.val_fraction, base.seed)?;
     let split_path = out.join("split.json");
-    if !split_path.exists() {
-        let split = crate::data::Split::make(data, base.val_fraction, base.seed)?;
-        write_json(&split_path, &split)?;
+    if split_path.exists() && !retrain {
+        let old = read_json::<Split>(&split_path)?.check(&split_path)?;
+        let changes = old.differences(&split);
+        if !changes.is_empty() {
+            bail!(
+                "{}: the data is not what this comparison was trained on ({}); pass --retrain to train every regime again, or use a new --out",
+                split_path.display(),
+                first_ten(&changes)
+            );
+        }
     }
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    write_json(&split_path, &split)?;
+    let weights_sha256 = base.weights.as_deref().map(sha256_file).transpose()?;
     let mut runs: Vec<(Regime, RunSummary, Vec<EpochMetrics>)> = Vec::new();
     let mut arch = base.arch;
     for regime in regimes {
         let dir = out.join(&regime.name);
-        let done = dir.join("summary.json");
-        let summary = match read_json::<RunSummary>(&done) {
-            Ok(s) if s.epochs == base.epochs && s.freeze == regime.freeze => {
-                println!("== {}: already trained, skipping", regime.name);
-                s
+        let mut options = base.clone();
+        options.freeze = regime.freeze.clone();
+        options.scratch = regime.scratch;
+        if regime.scratch {
+            options.weights = None;
+            // Scratch builds the same network the checkpoint holds.
+            options.arch = arch;
+            if options.width.is_none() {
+                options.width =
+                    read_json::<RunConfig>(&out.join(&regimes[0].name).join("config.json"))
+                        .ok()
+                        .and_then(|c| c.model.width());
             }
-            _ => {
+        }
+        let fingerprint = Fingerprint {
+            options: &options,
+            split: &split,
+            weights_sha256: if regime.scratch {
+                None
+            } else {
+                weights_sha256.clone()
+            },
+        };
+        let summary = match reuse(&dir, &fingerprint)? {
+            Reuse::Done(summary) => {
+                println!("== {}: already trained, skipping", regime.name);
+                summary
+            }
+            Reuse::Extend => {
+                println!("== {}: resuming to {} epochs", regime.name, options.epochs);
+                reset_peak_memory();
+                resume(&dir, Some(options.epochs))?
+            }
+            Reuse::Stale(changes) if !retrain => bail!(
+                "{}: trained with other settings ({}); pass --retrain to train it again, or use a new --out",
+                dir.display(),
+                first_ten(&changes)
+            ),
+            reuse => {
+                if !matches!(reuse, Reuse::Fresh) {
+                    remove_run(&dir)?;
+                }
                 println!(
                     "== {} (freeze {}{})",
                     regime.name,
                     regime.freeze,
                     if regime.scratch { ", from scratch" } else { "" }
                 );
-                std::fs::create_dir_all(&dir)?;
-                std::fs::copy(&split_path, dir.join("split.json"))?;
-                let mut options = base.clone();
-                options.freeze = regime.freeze.clone();
-                options.scratch = regime.scratch;
-                if regime.scratch {
-                    options.weights = None;
-                    // Scratch builds the same network the checkpoint holds.
-                    options.arch = arch;
-                    if options.width.is_none() {
-                        options.width = read_json::<crate::train::RunConfig>(
-                            &out.join(&regimes[0].name).join("config.json"),
-                        )
-                        .ok()
-                        .and_then(|c| c.model.width());
-                    }
-                }
                 reset_peak_memory();
-                let mut s = train(&options, &dir)?;
-                s.peak_memory_mib = peak_memory_mib();
-                write_json(&done, &s)?;
-                s
+                train_on_split(&options, &dir, split.clone())?
             }
         };
-        let config: crate::train::RunConfig = read_json(&dir.join("config.json"))?;
+        let config: RunConfig = read_json(&dir.join("config.json"))?;
         arch.get_or_insert(config.model.arch);
         let history = read_history(&dir)?;
         runs.push((regime.clone(), summary, history));
@@ -235,6 +266,79 @@ pub fn compare(
         summary_markdown(&summary).as_bytes(),
     )?;
     Ok(summary)
+}
+
+/// What a regime is to be trained with: every option, the split and the checkpoint's hash.
+struct Fingerprint<'a> {
+    options: &'a TrainOptions,
+    split: &'a Split,
+    weights_sha256: Option<String>,
+}
+
+/// What to do with a regime's folder.
+enum Reuse {
+    /// Nothing there: train.
+    Fresh,
+    /// Finished with the same fingerprint and epochs: use it.
+    Done(RunSummary),
+    /// The same fingerprint, fewer epochs: resume to the new total.
+    Extend,
+    /// Started but without a finished epoch: nothing to keep, train again.
+    Unfinished,
+    /// Made with other settings, data or weights: these.
+    Stale(Vec<String>),
+}
+
+fn reuse(dir: &Path, wanted: &Fingerprint) -> anyhow::Result<Reuse> {
+    if !holds_run(dir) {
+        return Ok(Reuse::Fresh);
+    }
+    let config_path = dir.join("config.json");
+    if !config_path.exists() {
+        return Ok(Reuse::Unfinished);
+    }
+    let config: RunConfig = read_json(&config_path)?;
+    let mut changes = option_changes(&config.options, wanted.options)?;
+    if config.weights_sha256 != wanted.weights_sha256 {
+        changes.push("the checkpoint's content".into());
+    }
+    let split_path = dir.join("split.json");
+    let split = read_json::<Split>(&split_path)?.check(&split_path)?;
+    changes.extend(split.differences(wanted.split));
+    if !changes.is_empty() {
+        return Ok(Reuse::Stale(changes));
+    }
+    let epochs = wanted.options.epochs;
+    match read_json::<RunSummary>(&dir.join("summary.json")) {
+        Ok(s) if s.epochs == epochs => Ok(Reuse::Done(s)),
+        Ok(s) if s.epochs > epochs => Ok(Reuse::Stale(vec![format!(
+            "trained for {} epochs, not {epochs}",
+            s.epochs
+        )])),
+        _ if dir.join("last/state.json").exists() || dir.join("last.old/state.json").exists() => {
+            Ok(Reuse::Extend)
+        }
+        _ => Ok(Reuse::Unfinished),
+    }
+}
+
+/// The options that differ, as `--flag old -> new`; epochs (which may grow) and the paths
+/// of data and weights (whose content the fingerprint compares) are left out.
+fn option_changes(old: &TrainOptions, new: &TrainOptions) -> anyhow::Result<Vec<String>> {
+    let (serde_json::Value::Object(old), serde_json::Value::Object(new)) =
+        (serde_json::to_value(old)?, serde_json::to_value(new)?)
+    else {
+        bail!("options are not a JSON object");
+    };
+    Ok(new
+        .iter()
+        .filter(|(key, _)| !matches!(key.as_str(), "epochs" | "data" | "weights"))
+        .filter(|(key, value)| old.get(*key) != Some(value))
+        .map(|(key, value)| {
+            let before = old.get(key).map_or("absent".to_string(), |v| v.to_string());
+            format!("--{} {before} -> {value}", key.replace('_', "-"))
+        })
+        .collect())
 }
 
 fn read_history(run: &Path) -> anyhow::Result<Vec<EpochMetrics>> {

@@ -1,7 +1,7 @@
 //! Image folders: discovery, the train/val split, decoding once into memory, and the
 //! torchvision reference augmentation, batched in parallel ahead of the training loop.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
@@ -16,14 +16,15 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::preprocess::{Interpolation, Preprocess, decode, to_chw};
+use crate::preprocess::{Interpolation, Preprocess, decode_bytes, to_chw};
 
 const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "webp", "gif", "jfif"];
 
 /// One image of the split: path relative to the data folder, class index, content hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    pub path: String,
+    #[serde(with = "os_path")]
+    pub path: PathBuf,
     pub label: usize,
     pub sha256: String,
 }
@@ -37,45 +38,151 @@ pub struct Split {
     pub val: Vec<Entry>,
     /// Images whose content appears in both train and val.
     pub leaked: Vec<String>,
+    /// What the walk passed over (directory loops, files that are not regular files).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
+}
+
+/// Paths in JSON: a string when the name is UTF-8, else its bytes, so that every file name
+/// the system allows (as `OsStr`) round-trips.
+mod os_path {
+    use std::path::{Path, PathBuf};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Text(String),
+        Bytes(Vec<u8>),
+    }
+
+    pub fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+        match path.to_str() {
+            Some(text) => Repr::Text(text.to_string()),
+            None => Repr::Bytes(bytes(path)),
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        Ok(match Repr::deserialize(d)? {
+            Repr::Text(text) => PathBuf::from(text),
+            Repr::Bytes(b) => from_bytes(b),
+        })
+    }
+
+    #[cfg(unix)]
+    fn bytes(path: &Path) -> Vec<u8> {
+        std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).to_vec()
+    }
+
+    #[cfg(unix)]
+    fn from_bytes(b: Vec<u8>) -> PathBuf {
+        <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(b).into()
+    }
+
+    #[cfg(not(unix))]
+    fn bytes(path: &Path) -> Vec<u8> {
+        path.to_string_lossy().into_owned().into_bytes()
+    }
+
+    #[cfg(not(unix))]
+    fn from_bytes(b: Vec<u8>) -> PathBuf {
+        String::from_utf8_lossy(&b).into_owned().into()
+    }
 }
 
 /// An image file by extension, not hidden.
 pub fn is_image(path: &Path) -> bool {
-    let hidden = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_none_or(|n| n.starts_with('.'));
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
-    !hidden && ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
+    !is_hidden(path) && ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
 }
 
-/// Class folders of `dir`, sorted, and their image files (relative to `root`).
-fn scan_classes(root: &Path, dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .is_none_or(|n| n.as_encoded_bytes().starts_with(b"."))
+}
+
+/// Image files found below a folder, and what was passed over and why.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub files: Vec<PathBuf>,
+    pub warnings: Vec<String>,
+}
+
+impl Found {
+    /// Walk `dir`, each directory once: a symbolic link back to a folder already walked
+    /// (a loop) is reported and not followed, and only regular files are taken.
+    pub fn walk(dir: &Path) -> anyhow::Result<Found> {
+        let mut found = Found::default();
+        let mut visited = HashSet::new();
+        found.walk_into(dir, &mut visited)?;
+        found.files.sort();
+        Ok(found)
+    }
+
+    fn walk_into(&mut self, dir: &Path, visited: &mut HashSet<PathBuf>) -> anyhow::Result<()> {
+        let real = dir
+            .canonicalize()
+            .with_context(|| format!("{}: cannot open", dir.display()))?;
+        if !visited.insert(real.clone()) {
+            self.warnings.push(format!(
+                "{}: leads back to {} (a directory loop); not followed",
+                dir.display(),
+                real.display()
+            ));
+            return Ok(());
+        }
+        let entries =
+            std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?;
+        for entry in entries {
+            let path = entry
+                .with_context(|| format!("{}: cannot list", dir.display()))?
+                .path();
+            if is_hidden(&path) {
+                continue;
+            }
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_dir() => self.walk_into(&path, visited)?,
+                Ok(meta) if meta.is_file() && is_image(&path) => self.files.push(path),
+                Ok(_) if is_image(&path) => self
+                    .warnings
+                    .push(format!("{}: not a regular file; skipped", path.display())),
+                Ok(_) => {}
+                Err(e) => self
+                    .warnings
+                    .push(format!("{}: {e}; skipped", path.display())),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Class folders of `dir`, sorted, with their image files relative to `root`.
+type ClassFiles = BTreeMap<String, Vec<PathBuf>>;
+
+fn scan_classes(root: &Path, dir: &Path, warnings: &mut Vec<String>) -> anyhow::Result<ClassFiles> {
     let mut classes = BTreeMap::new();
     let entries = std::fs::read_dir(dir)
         .with_context(|| format!("{}: cannot read the data folder", dir.display()))?;
     for entry in entries {
         let entry = entry.with_context(|| format!("{}: cannot list", dir.display()))?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        if name.starts_with('.') || !entry.path().is_dir() {
+        let path = entry.path();
+        if is_hidden(&path) || !path.is_dir() {
             continue;
         }
-        let mut files = Vec::new();
-        collect_images(&entry.path(), &mut files)?;
-        let mut rel: Vec<String> = files
-            .iter()
-            .map(|f| {
-                f.strip_prefix(root)
-                    .unwrap_or(f)
-                    .to_string_lossy()
-                    .to_string()
-            })
+        let found = Found::walk(&path)?;
+        warnings.extend(found.warnings);
+        let rel = found
+            .files
+            .into_iter()
+            .map(|f| f.strip_prefix(root).map(Path::to_path_buf).unwrap_or(f))
             .collect();
-        rel.sort();
-        classes.insert(name, rel);
+        classes.insert(entry.file_name().to_string_lossy().to_string(), rel);
     }
     if classes.is_empty() {
         bail!(
@@ -86,35 +193,29 @@ fn scan_classes(root: &Path, dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<
     Ok(classes)
 }
 
-/// Image files below `dir`, hidden files and folders skipped.
-pub fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    for entry in
-        std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?
-    {
-        let path = entry?.path();
-        let hidden = path
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        if path.is_dir() && !hidden {
-            collect_images(&path, out)?;
-        } else if is_image(&path) {
-            out.push(path);
-        }
-    }
-    Ok(())
+/// SHA-256 of a file's content, read in a stream (checkpoints are large).
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
-fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
+fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
 }
 
-fn entries(root: &Path, files: Vec<(String, usize)>) -> anyhow::Result<Vec<Entry>> {
+fn entries(root: &Path, files: Vec<(PathBuf, usize)>) -> anyhow::Result<Vec<Entry>> {
     files
         .into_par_iter()
         .map(|(path, label)| {
+            let full = root.join(&path);
+            let bytes =
+                std::fs::read(&full).with_context(|| format!("{}: cannot read", full.display()))?;
             Ok(Entry {
-                sha256: sha256_file(&root.join(&path))?,
+                sha256: sha256_hex(&bytes),
                 path,
                 label,
             })
@@ -126,9 +227,10 @@ impl Split {
     /// Use `dir/train` and `dir/val` when both exist; otherwise split `dir`'s class folders,
     /// stratified per class, `val_fraction` of each class (at least one image) to val.
     pub fn make(dir: &Path, val_fraction: f64, seed: u64) -> anyhow::Result<Split> {
+        let mut warnings = Vec::new();
         let (classes, train, val) = if dir.join("train").is_dir() && dir.join("val").is_dir() {
-            let train = scan_classes(dir, &dir.join("train"))?;
-            let val = scan_classes(dir, &dir.join("val"))?;
+            let train = scan_classes(dir, &dir.join("train"), &mut warnings)?;
+            let val = scan_classes(dir, &dir.join("val"), &mut warnings)?;
             let names: Vec<String> = train.keys().cloned().collect();
             if let Some(extra) = val.keys().find(|k| !train.contains_key(*k)) {
                 bail!(
@@ -136,7 +238,7 @@ impl Split {
                     dir.display()
                 );
             }
-            let label = |m: BTreeMap<String, Vec<String>>| -> Vec<(String, usize)> {
+            let label = |m: ClassFiles| -> Vec<(PathBuf, usize)> {
                 m.into_iter()
                     .flat_map(|(c, files)| {
                         let l = names.iter().position(|n| *n == c).expect("known class");
@@ -147,10 +249,9 @@ impl Split {
             let (t, v) = (label(train), label(val));
             (names.clone(), t, v)
         } else {
-            if !(0.0..1.0).contains(&val_fraction) {
-                bail!("--val-fraction must be in [0, 1), got {val_fraction}");
-            }
-            let found = scan_classes(dir, dir)?;
+            crate::ranges::check_fraction(val_fraction)
+                .map_err(|e| anyhow::anyhow!("--val-fraction: {e}"))?;
+            let found = scan_classes(dir, dir, &mut warnings)?;
             let names: Vec<String> = found.keys().cloned().collect();
             let mut rng = StdRng::seed_from_u64(seed);
             let (mut train, mut val) = (Vec::new(), Vec::new());
@@ -178,16 +279,16 @@ impl Split {
                 bail!("{}: class '{name}' has no training images", dir.display());
             }
         }
-        let train_hashes: HashMap<&str, &str> = train
+        let train_hashes: HashMap<&str, &Path> = train
             .iter()
-            .map(|e| (e.sha256.as_str(), e.path.as_str()))
+            .map(|e| (e.sha256.as_str(), e.path.as_path()))
             .collect();
         let leaked = val
             .iter()
             .filter_map(|e| {
                 train_hashes
                     .get(e.sha256.as_str())
-                    .map(|t| format!("{} = {t}", e.path))
+                    .map(|t| format!("{} = {}", e.path.display(), t.display()))
             })
             .collect();
         Ok(Split {
@@ -195,8 +296,88 @@ impl Split {
             train,
             val,
             leaked,
+            warnings,
         })
     }
+
+    /// A split read back from `file`: every path relative and inside the data folder, every
+    /// label one of its classes.
+    pub fn check(self, file: &Path) -> anyhow::Result<Split> {
+        if self.classes.is_empty() {
+            bail!("{}: no classes", file.display());
+        }
+        for e in self.train.iter().chain(&self.val) {
+            let inside = e
+                .path
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !inside || e.path.as_os_str().is_empty() {
+                bail!(
+                    "{}: the path '{}' leaves the data folder",
+                    file.display(),
+                    e.path.display()
+                );
+            }
+            if e.label >= self.classes.len() {
+                bail!(
+                    "{}: '{}' has label {} but there are {} classes",
+                    file.display(),
+                    e.path.display(),
+                    e.label,
+                    self.classes.len()
+                );
+            }
+        }
+        Ok(self)
+    }
+
+    /// How `other` (made from the data folder now) differs from this split: classes, and
+    /// files added, missing or changed; empty when they are the same.
+    pub fn differences(&self, other: &Split) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.classes != other.classes {
+            out.push(format!(
+                "classes {:?} are now {:?}",
+                self.classes, other.classes
+            ));
+        }
+        let index = |s: &Split| -> BTreeMap<PathBuf, String> {
+            s.train
+                .iter()
+                .chain(&s.val)
+                .map(|e| (e.path.clone(), e.sha256.clone()))
+                .collect()
+        };
+        let (old, new) = (index(self), index(other));
+        for (path, hash) in &old {
+            match new.get(path) {
+                None => out.push(format!("{}: missing", path.display())),
+                Some(h) if h != hash => out.push(format!("{}: changed", path.display())),
+                _ => {}
+            }
+        }
+        for path in new.keys().filter(|p| !old.contains_key(*p)) {
+            out.push(format!("{}: new", path.display()));
+        }
+        if out.is_empty() && (self.train != other.train || self.val != other.val) {
+            out.push("the same files, split differently (--val-fraction or --seed)".into());
+        }
+        out
+    }
+}
+
+/// `items` on one line, the first ten of them and how many more.
+pub fn first_ten(items: &[String]) -> String {
+    let mut text = items
+        .iter()
+        .take(10)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if items.len() > 10 {
+        text.push_str(&format!("; and {} more", items.len() - 10));
+    }
+    text
 }
 
 /// Decoded images held in memory, downscaled once so the shorter side is at most `presize`
@@ -204,38 +385,47 @@ impl Split {
 pub struct ImageSet {
     pub images: Vec<Arc<RgbImage>>,
     pub labels: Vec<usize>,
-    pub paths: Vec<String>,
+    pub paths: Vec<PathBuf>,
     /// Files that could not be decoded, with the reason; skipped.
     pub skipped: Vec<String>,
+    /// Files that are missing or whose content no longer matches the split's hash.
+    pub changed: Vec<String>,
+    /// Files that decoded but are damaged (a truncated JPEG), with what is wrong.
+    pub warnings: Vec<String>,
+}
+
+/// One file of an [`ImageSet`] as read and decoded.
+enum Loaded {
+    Image(RgbImage, Option<String>),
+    Unreadable(String),
+    Changed(String),
 }
 
 impl ImageSet {
+    /// Read, check against the split's hash, decode and presize every entry, in parallel.
     pub fn load(root: &Path, entries: &[Entry], presize: usize) -> ImageSet {
-        let decoded: Vec<Result<RgbImage, String>> = entries
+        let loaded: Vec<Loaded> = entries
             .par_iter()
-            .map(|e| {
-                decode(&root.join(&e.path))
-                    .map(|img| shrink(img, presize))
-                    .map_err(|err| format!("{err:#}"))
-            })
+            .map(|e| load_one(root, e, presize))
             .collect();
         let mut set = ImageSet {
             images: Vec::new(),
             labels: Vec::new(),
             paths: Vec::new(),
             skipped: Vec::new(),
+            changed: Vec::new(),
+            warnings: Vec::new(),
         };
-        for (e, d) in entries.iter().zip(decoded) {
+        for (e, d) in entries.iter().zip(loaded) {
             match d {
-                Ok(img) => {
+                Loaded::Image(img, warning) => {
                     set.images.push(Arc::new(img));
                     set.labels.push(e.label);
                     set.paths.push(e.path.clone());
+                    set.warnings.extend(warning);
                 }
-                Err(msg) => {
-                    eprintln!("warning: skipping unreadable image {msg}");
-                    set.skipped.push(msg);
-                }
+                Loaded::Unreadable(msg) => set.skipped.push(msg),
+                Loaded::Changed(msg) => set.changed.push(msg),
             }
         }
         set
@@ -247,6 +437,21 @@ impl ImageSet {
 
     pub fn is_empty(&self) -> bool {
         self.images.is_empty()
+    }
+}
+
+fn load_one(root: &Path, e: &Entry, presize: usize) -> Loaded {
+    let path = root.join(&e.path);
+    let bytes = match crate::preprocess::read_image_file(&path) {
+        Ok(b) => b,
+        Err(err) => return Loaded::Changed(format!("{err:#}")),
+    };
+    if sha256_hex(&bytes) != e.sha256 {
+        return Loaded::Changed(format!("{}: content changed", path.display()));
+    }
+    match decode_bytes(&path, &bytes) {
+        Ok(d) => Loaded::Image(shrink(d.image, presize), d.warning),
+        Err(err) => Loaded::Unreadable(format!("{err:#}")),
     }
 }
 
@@ -361,16 +566,43 @@ pub fn batches(
     order: Vec<usize>,
     batch_size: usize,
     transform: Transform,
-) -> Receiver<Batch> {
+) -> Batches {
     let (tx, rx) = sync_channel(2);
-    std::thread::spawn(move || {
-        for idx in order.chunks(batch_size) {
+    let loader = std::thread::spawn(move || {
+        for idx in order.chunks(batch_size.max(1)) {
             if tx.send(make_batch(&set, &pre, idx, transform)).is_err() {
                 return;
             }
         }
     });
-    rx
+    Batches {
+        rx,
+        loader: Some(loader),
+    }
+}
+
+/// The batches of [`batches`] in order; a failure of the loader thread ends them with an
+/// error instead of a silently short epoch.
+pub struct Batches {
+    rx: Receiver<Batch>,
+    loader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Iterator for Batches {
+    type Item = anyhow::Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Ok(batch) = self.rx.recv() {
+            return Some(Ok(batch));
+        }
+        let panic = self.loader.take()?.join().err()?;
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Some(Err(anyhow::anyhow!("the batch loader failed: {message}")))
+    }
 }
 
 /// The training order of an epoch: a shuffle seeded by run seed and epoch.

@@ -11,7 +11,7 @@ use crate::export::export;
 use crate::models::Arch;
 use crate::output::read_json;
 use crate::synth::{Kind, write_dataset};
-use crate::train::{TrainOptions, train};
+use crate::train::{TrainOptions, holds_run, resume, train};
 
 /// Options of a default training run, as the CLI would give them.
 fn options(data: &Path, epochs: usize) -> TrainOptions {
@@ -61,7 +61,12 @@ pub fn demo(out: &Path) -> anyhow::Result<()> {
         pre.width = Some(0.25);
         let run = out.join("pretrain");
         if read_json::<crate::train::RunSummary>(&run.join("summary.json")).is_err() {
-            train(&pre, &run)?;
+            // A pretraining that was stopped continues where it was.
+            if holds_run(&run) {
+                resume(&run, None)?;
+            } else {
+                train(&pre, &run)?;
+            }
         }
         let (model, _) = load_run(&run, &crate::cli::device())?;
         export(&model, &checkpoint)?;
@@ -73,7 +78,7 @@ pub fn demo(out: &Path) -> anyhow::Result<()> {
     base.weights = Some(checkpoint);
     let regimes = parse_regimes("head,partial,full,scratch", Arch::ResNet18)?;
     let comparison = out.join("compare");
-    let summary = compare(&base, &regimes, &comparison)?;
+    let summary = compare(&base, &regimes, &comparison, false)?;
     println!("\n{}", crate::compare::summary_markdown(&summary));
     println!("figure:  {}", comparison.join("curves.png").display());
     println!("summary: {}", comparison.join("summary.md").display());

@@ -15,25 +15,32 @@ use crate::models::Model;
 use crate::output::read_json;
 use crate::train::RunConfig;
 
-/// A run's network with its best weights (or the last ones if no best was saved).
+/// A run's network with its best weights (the last epoch's when the run had no
+/// validation images), checked against the run's `config.json`.
 pub fn load_run(run: &Path, device: &Device) -> anyhow::Result<(Model, RunConfig)> {
-    let config: RunConfig = read_json(&run.join("config.json"))
-        .with_context(|| format!("{}: not a run folder", run.display()))?;
-    let weights = [
-        run.join("best.safetensors"),
-        run.join("last/model.safetensors"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .with_context(|| {
-        format!(
-            "{}: no weights (best.safetensors) in the run",
-            run.display()
-        )
-    })?;
+    let config_path = run.join("config.json");
+    if !config_path.exists() {
+        bail!("{}: not a run folder (no config.json)", run.display());
+    }
+    let config: RunConfig = read_json(&config_path)?;
+    config.check(&config_path)?;
+    let weights = run.join("best.safetensors");
+    if !weights.exists() {
+        bail!(
+            "{}: missing (the run has not finished an epoch)",
+            weights.display()
+        );
+    }
     let sd = checkpoint::read(&weights, None)?;
     let mut model = config.model.build(device);
-    apply_state_dict(&mut model, &config.model, &sd, false)?;
+    apply_state_dict(&mut model, &config.model, &sd, false)
+        .with_context(|| {
+            format!(
+                "{}: does not fit the network of config.json",
+                weights.display()
+            )
+        })?
+        .refuse_non_finite()?;
     Ok((model, config))
 }
 
@@ -62,6 +69,8 @@ pub struct HardImage {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
+    /// The folder the images came from.
+    pub folder: String,
     pub num_images: usize,
     pub top1: f64,
     pub top5: f64,
@@ -74,7 +83,8 @@ pub struct EvalReport {
     pub skipped_images: Vec<String>,
 }
 
-/// The images to evaluate: `data`'s class folders (all of them), or the run's validation split.
+/// The images to evaluate and where they are: `data`'s class folders (its `val/` when it
+/// has `train/` and `val/`), or the run's validation split.
 fn eval_entries(
     config: &RunConfig,
     run: &Path,
@@ -82,7 +92,12 @@ fn eval_entries(
 ) -> anyhow::Result<(PathBuf, Vec<Entry>)> {
     match data {
         Some(dir) => {
-            let split = Split::make(dir, 0.0, 0)?;
+            let dir = if dir.join("train").is_dir() && dir.join("val").is_dir() {
+                dir.join("val")
+            } else {
+                dir.to_path_buf()
+            };
+            let split = Split::make(&dir, 0.0, 0)?;
             let mut entries = Vec::new();
             for e in split.train {
                 let name = &split.classes[e.label];
@@ -99,10 +114,17 @@ fn eval_entries(
                     })?;
                 entries.push(Entry { label, ..e });
             }
-            Ok((dir.to_path_buf(), entries))
+            Ok((dir, entries))
         }
         None => {
-            let split: Split = read_json(&run.join("split.json"))?;
+            let split_path = run.join("split.json");
+            let split = read_json::<Split>(&split_path)?.check(&split_path)?;
+            if split.classes != config.classes {
+                bail!(
+                    "{}: its classes do not match those of config.json",
+                    split_path.display()
+                );
+            }
             let dir = config
                 .options
                 .data
@@ -129,11 +151,19 @@ pub fn evaluate_run(
     let model = model.for_inference();
     let (root, entries) = eval_entries(&config, run, data)?;
     let pre = config.preprocess.clone();
-    let set = Arc::new(ImageSet::load(
-        &root,
-        &entries,
-        pre.resize_size.max(pre.input_size),
-    ));
+    let set = ImageSet::load(&root, &entries, pre.resize_size.max(pre.input_size));
+    if !set.changed.is_empty() {
+        bail!(
+            "{}: {} image(s) are missing or changed since the split was made: {}",
+            root.display(),
+            set.changed.len(),
+            crate::data::first_ten(&set.changed)
+        );
+    }
+    if set.is_empty() {
+        bail!("{}: no readable images to evaluate", root.display());
+    }
+    let set = Arc::new(set);
     let k = config.classes.len();
     let mut confusion = vec![vec![0usize; k]; k];
     let (mut loss_sum, mut top1, mut top5) = (0.0, 0, 0);
@@ -141,20 +171,19 @@ pub fn evaluate_run(
     let order: Vec<usize> = (0..set.len()).collect();
     let size = pre.input_size;
     for batch in data::batches(set.clone(), pre.clone(), order, batch_size, Transform::Eval) {
+        let batch = batch?;
         let n = batch.labels.len();
         let x = Tensor::<4>::from_data(TensorData::new(batch.pixels, [n, 3, size, size]), &device);
         let logits = crate::cli::to_vec(model.forward(x))?;
         for ((row, &label), &i) in logits.chunks(k).zip(&batch.labels).zip(&batch.indices) {
             let (loss, t1, t5) = crate::train::score(row, &[label], k);
-            let pred = (0..k)
-                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-                .unwrap_or(0);
+            let pred = crate::train::argmax(row);
             confusion[label][pred] += 1;
             loss_sum += loss;
             top1 += t1;
             top5 += t5;
             hard.push(HardImage {
-                image: set.paths[i].clone(),
+                image: set.paths[i].display().to_string(),
                 true_class: config.classes[label].clone(),
                 predicted: config.classes[pred].clone(),
                 loss,
@@ -197,6 +226,7 @@ pub fn evaluate_run(
     hard.sort_by(|a, b| b.loss.total_cmp(&a.loss));
     hard.truncate(10);
     Ok(EvalReport {
+        folder: root.display().to_string(),
         num_images: set.len(),
         top1: top1 as f64 / n,
         top5: top5 as f64 / n,
@@ -212,8 +242,9 @@ pub fn evaluate_run(
 /// The report as text, confusion matrix included.
 pub fn render(report: &EvalReport, classes: &[String]) -> String {
     let mut out = format!(
-        "{} images: top-1 {:.2}%, top-5 {:.2}%, loss {:.4}\n\nper class:\n",
+        "{} images of {}: top-1 {:.2}%, top-5 {:.2}%, loss {:.4}\n\nper class:\n",
         report.num_images,
+        report.folder,
         report.top1 * 100.0,
         report.top5 * 100.0,
         report.loss
@@ -260,18 +291,18 @@ pub fn render(report: &EvalReport, classes: &[String]) -> String {
     out
 }
 
-/// Image files named on the command line, folders walked (sorted).
-pub fn expand_images(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
+/// Image files named on the command line, folders walked (sorted); what the walks passed
+/// over (directory loops, files that are not regular) comes second.
+pub fn expand_images(paths: &[PathBuf]) -> anyhow::Result<(Vec<PathBuf>, Vec<String>)> {
+    let (mut out, mut warnings) = (Vec::new(), Vec::new());
     for p in paths {
         if p.is_dir() {
-            let mut found = Vec::new();
-            data::collect_images(p, &mut found)?;
-            found.sort();
-            out.extend(found);
+            let found = data::Found::walk(p)?;
+            out.extend(found.files);
+            warnings.extend(found.warnings);
         } else {
             out.push(p.clone());
         }
     }
-    Ok(out)
+    Ok((out, warnings))
 }

@@ -91,7 +91,7 @@ pub fn parse_spec(spec: &str, model_spec: &ModelSpec, model: &Model) -> anyhow::
         list => {
             let mut out = Vec::new();
             for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                for prefix in expand_range(item)? {
+                for prefix in expand_range(item, &names)? {
                     if !names.contains(&prefix.as_str()) {
                         let top: Vec<&str> = modules
                             .iter()
@@ -116,8 +116,9 @@ pub fn parse_spec(spec: &str, model_spec: &ModelSpec, model: &Model) -> anyhow::
     })
 }
 
-/// `features.0-13` -> `features.0`, ..., `features.13`; anything else is itself.
-fn expand_range(item: &str) -> anyhow::Result<Vec<String>> {
+/// `features.0-13` -> `features.0`, ..., `features.13`; anything else is itself. A range
+/// must end at a module that exists (`names`), so its size is bounded by the model's.
+fn expand_range(item: &str, names: &[&str]) -> anyhow::Result<Vec<String>> {
     let (base, last) = match item.rsplit_once('.') {
         Some((b, l)) => (format!("{b}."), l),
         None => (String::new(), item),
@@ -131,7 +132,15 @@ fn expand_range(item: &str) -> anyhow::Result<Vec<String>> {
     if a > b {
         bail!("--freeze: empty range '{item}'");
     }
-    Ok((a..=b).map(|i| format!("{base}{i}")).collect())
+    let last_index = names
+        .iter()
+        .filter_map(|n| n.strip_prefix(base.as_str())?.parse::<usize>().ok())
+        .max();
+    match last_index {
+        Some(end) if b <= end => Ok((a..=b).map(|i| format!("{base}{i}")).collect()),
+        Some(end) => bail!("--freeze: '{item}' goes past the last module, {base}{end}"),
+        None => bail!("--freeze: '{item}': no numbered modules under '{base}'"),
+    }
 }
 
 /// Sets gradients and BatchNorm/Dropout training flags by module path.
@@ -209,12 +218,27 @@ mod tests {
 
     #[test]
     fn ranges_expand_to_indices() {
+        let names = [
+            "features",
+            "features.0",
+            "features.1",
+            "features.2",
+            "features.3",
+            "features.4",
+        ];
         assert_eq!(
-            expand_range("features.2-4").unwrap(),
+            expand_range("features.2-4", &names).unwrap(),
             ["features.2", "features.3", "features.4"]
         );
-        assert_eq!(expand_range("layer1").unwrap(), ["layer1"]);
-        assert!(expand_range("features.4-2").is_err());
+        assert_eq!(expand_range("layer1", &names).unwrap(), ["layer1"]);
+        assert!(expand_range("features.4-2", &names).is_err());
+        let huge = expand_range("features.0-18446744073709551615", &names).unwrap_err();
+        assert!(
+            huge.to_string()
+                .contains("past the last module, features.4"),
+            "{huge}"
+        );
+        assert!(expand_range("blocks.0-3", &names).is_err());
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod models;
 pub mod modules;
 pub mod output;
 pub mod preprocess;
+pub mod ranges;
 pub mod report;
 pub mod resample;
 pub mod synth;

@@ -39,11 +39,49 @@ pub struct LoadReport {
     pub shape_mismatch: Vec<HeadChange>,
     /// Buffers PyTorch keeps and retrain does not need (`num_batches_tracked`).
     pub ignored_buffers: Vec<String>,
+    /// Loaded tensors holding NaN or infinite values.
+    pub non_finite: Vec<NonFinite>,
+}
+
+/// A tensor with NaN or infinite values, and how many of each.
+#[derive(Debug, Clone, Serialize)]
+pub struct NonFinite {
+    pub name: String,
+    pub nan: usize,
+    pub infinite: usize,
+}
+
+impl NonFinite {
+    fn count(name: &str, values: &[f32]) -> Option<Self> {
+        let nan = values.iter().filter(|v| v.is_nan()).count();
+        let infinite = values.iter().filter(|v| v.is_infinite()).count();
+        (nan + infinite > 0).then(|| Self {
+            name: name.to_string(),
+            nan,
+            infinite,
+        })
+    }
 }
 
 impl LoadReport {
     fn is_clean(&self) -> bool {
         self.missing.is_empty() && self.unexpected.is_empty() && self.shape_mismatch.is_empty()
+    }
+
+    /// An error naming the tensors with NaN or infinite values, if there are any: a network
+    /// with them gives NaN for every input.
+    pub fn refuse_non_finite(&self) -> anyhow::Result<()> {
+        let Some(first) = self.non_finite.first() else {
+            return Ok(());
+        };
+        bail!(
+            "{}: {} tensor(s) hold NaN or infinite values, first {} ({} NaN, {} infinite); pass --allow-non-finite to use them anyway",
+            self.checkpoint,
+            self.non_finite.len(),
+            first.name,
+            first.nan,
+            first.infinite
+        )
     }
 }
 
@@ -99,7 +137,18 @@ impl fmt::Display for LoadReport {
         } else {
             format!("{} (num_batches_tracked)", self.ignored_buffers.len())
         };
-        write!(f, "  {:<21}{ignored}", "ignored buffers:")
+        writeln!(f, "  {:<21}{ignored}", "ignored buffers:")?;
+        let non_finite: Vec<String> = self
+            .non_finite
+            .iter()
+            .map(|t| format!("{} ({} NaN, {} infinite)", t.name, t.nan, t.infinite))
+            .collect();
+        let non_finite = if non_finite.is_empty() {
+            "none".to_string()
+        } else {
+            non_finite.join(", ")
+        };
+        write!(f, "  {:<21}{non_finite}", "non-finite values:")
     }
 }
 
@@ -200,6 +249,7 @@ pub fn apply_state_dict(
         unexpected: Vec::new(),
         shape_mismatch: Vec::new(),
         ignored_buffers: Vec::new(),
+        non_finite: Vec::new(),
     };
     let mut packs = Vec::new();
     for (name, shape) in &expected {
@@ -213,6 +263,7 @@ pub fn apply_state_dict(
                 ));
                 report.num_loaded_values += t.data.len();
                 report.loaded.push(name.clone());
+                report.non_finite.extend(NonFinite::count(name, &t.data));
             }
             found => {
                 let change = HeadChange {
@@ -333,10 +384,27 @@ pub fn read_input(path: &Path, name: Option<&str>) -> anyhow::Result<(Vec<f32>, 
             dims[1]
         );
     }
-    let data = view
+    let sizes = crate::ranges::IMAGE_SIZES;
+    if !(1..=4096).contains(&dims[0]) || !sizes.contains(&dims[2]) || !sizes.contains(&dims[3]) {
+        bail!(
+            "{}: tensor '{name}' has shape {dims:?}: expected 1 to 4096 images of {} to {} pixels a side",
+            path.display(),
+            sizes.start(),
+            sizes.end()
+        );
+    }
+    let data: Vec<f32> = view
         .data()
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
+    if let Some(bad) = NonFinite::count(&name, &data) {
+        bail!(
+            "{}: tensor '{name}' holds {} NaN and {} infinite values",
+            path.display(),
+            bad.nan,
+            bad.infinite
+        );
+    }
     Ok((data, dims))
 }

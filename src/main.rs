@@ -1,11 +1,12 @@
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
     retrain::kernels::retain_freed_memory();
-    let cli = retrain::cli::Cli::parse();
-    match retrain::cli::run(cli) {
+    let invocation = retrain::cli::parse();
+    match retrain::cli::run(invocation) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(usage) = e.downcast_ref::<clap::Error>() {
+                usage.exit();
+            }
             eprintln!("error: {e:#}");
             // 130 after Ctrl-C, as shells report SIGINT.
             let interrupted = e.is::<retrain::train::Interrupted>();

@@ -12,12 +12,28 @@ use safetensors::tensor::TensorView;
 use crate::load::torch_tensors;
 use crate::models::Model;
 
+/// Temporary files of [`write_atomic`] are named `.retrain-XXXXXX.tmp`, so that those a
+/// kill left behind can be recognised and removed.
+const TEMPORARY_PREFIX: &str = ".retrain-";
+
+/// Is `path` a temporary file that [`write_atomic`] left behind?
+pub fn is_temporary(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(TEMPORARY_PREFIX) && n.ends_with(".tmp"))
+}
+
+/// Write `bytes` to a temporary file beside `path`, flush it to disk, and rename it over
+/// `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMPORARY_PREFIX)
+        .suffix(".tmp")
+        .tempfile_in(dir)
         .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
     tmp.write_all(bytes)
         .and_then(|_| tmp.as_file().sync_all())

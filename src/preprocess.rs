@@ -3,7 +3,12 @@
 
 use std::path::Path;
 
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use std::io::Cursor;
+
+use anyhow::{Context, bail};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+
+use crate::resample::resize_window;
 use serde::{Deserialize, Serialize};
 
 /// Resampling filter for resizing, named as in torchvision / Pillow.
@@ -27,42 +32,102 @@ pub struct Preprocess {
     pub std: [f32; 3],
 }
 
+/// Pillow's decompression-bomb limit (twice `Image.MAX_IMAGE_PIXELS`): above it Pillow
+/// refuses to open an image, and so do we, from the header, before decoding.
+pub const MAX_PIXELS: u64 = 178_956_970;
+
+/// Image files larger than this are refused before reading.
+const MAX_FILE_BYTES: u64 = 1 << 30;
+
+/// A decoded image and, for a file that decoded but is damaged, what is wrong with it.
+pub struct Decoded {
+    pub image: RgbImage,
+    pub warning: Option<String>,
+}
+
+/// The bytes of an image file: only a regular file (a FIFO named `x.png` would block the
+/// reader forever) and at most [`MAX_FILE_BYTES`].
+pub fn read_image_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", path.display());
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        bail!(
+            "{}: {} bytes is too large for an image",
+            path.display(),
+            meta.len()
+        );
+    }
+    std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
+}
+
 /// Decode an image file to RGB, applying its EXIF orientation. Grayscale, palette, alpha
 /// and 16-bit images become 8-bit RGB; an animated GIF gives its first frame.
-pub fn decode(path: &Path) -> anyhow::Result<RgbImage> {
+pub fn decode(path: &Path) -> anyhow::Result<Decoded> {
+    decode_bytes(path, &read_image_file(path)?)
+}
+
+/// [`decode`] of bytes already read from `path` (named in messages).
+pub fn decode_bytes(path: &Path, bytes: &[u8]) -> anyhow::Result<Decoded> {
     let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: {e}", path.display());
-    let reader = ImageReader::open(path)
-        .map_err(|e| fail(&e))?
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| fail(&e))?;
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(4 * MAX_PIXELS);
+    reader.limits(limits);
+    let format = reader.format();
     let mut decoder = reader.into_decoder().map_err(|e| fail(&e))?;
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
+        bail!("{}: the image has no pixels ({w}x{h})", path.display());
+    }
+    if w as u64 * h as u64 > MAX_PIXELS {
+        bail!(
+            "{}: {w}x{h} is {} pixels, above the limit of {MAX_PIXELS}",
+            path.display(),
+            w as u64 * h as u64
+        );
+    }
     let orientation = decoder.orientation().map_err(|e| fail(&e))?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| fail(&e))?;
     img.apply_orientation(orientation);
-    Ok(img.into_rgb8())
+    let warning = (format == Some(ImageFormat::Jpeg) && !jpeg_is_complete(bytes)).then(|| {
+        format!(
+            "{}: truncated JPEG (no end-of-image marker); the missing part decodes as grey",
+            path.display()
+        )
+    });
+    Ok(Decoded {
+        image: img.into_rgb8(),
+        warning,
+    })
+}
+
+/// Does a JPEG stream have its end-of-image marker after its first scan? (`FF D9` cannot
+/// occur inside entropy-coded data, where every `FF` byte is followed by `00`.)
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let scan = bytes.windows(2).position(|w| w == [0xFF, 0xDA]);
+    scan.is_some_and(|start| bytes[start..].windows(2).any(|w| w == [0xFF, 0xD9]))
 }
 
 /// torchvision's `Resize(size)` with an int: the shorter side becomes `size`, the longer
 /// is scaled and truncated.
-fn resize_shorter(img: &RgbImage, size: usize, interp: Interpolation) -> RgbImage {
+fn shorter_side_size(img: &RgbImage, size: usize) -> (usize, usize) {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let (nw, nh) = if w <= h {
+    if w <= h {
         (size, size * h / w)
     } else {
         (size * w / h, size)
-    };
-    if (nw, nh) == (w, h) {
-        return img.clone();
     }
-    crate::resample::resize(img, nw as u32, nh as u32, interp)
 }
 
-/// torchvision's `CenterCrop`: offsets rounded half to even like Python's `round`.
-fn center_crop(img: &RgbImage, size: usize) -> RgbImage {
-    let (w, h) = (img.width() as usize, img.height() as usize);
+/// torchvision's `CenterCrop` of a `(w, h)` image: the offsets, rounded half to even like
+/// Python's `round`.
+fn center_crop_offsets((w, h): (usize, usize), size: usize) -> (u32, u32) {
     let off = |full: usize| (((full as f64 - size as f64) / 2.0).round_ties_even()).max(0.0);
-    let (left, top) = (off(w) as u32, off(h) as u32);
-    image::imageops::crop_imm(img, left, top, size as u32, size as u32).to_image()
+    (off(w) as u32, off(h) as u32)
 }
 
 /// Normalize an RGB image into CHW f32 values.
@@ -78,16 +143,25 @@ pub fn to_chw(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
 }
 
 impl Preprocess {
-    /// The eval transform: resize, center crop, normalize; returns CHW values.
+    /// The eval transform: resize, center crop, normalize; returns CHW values. Only the
+    /// cropped window is resized, so a long thin image never makes a huge intermediate.
     pub fn eval(&self, img: &RgbImage) -> Vec<f32> {
-        let resized = resize_shorter(img, self.resize_size, self.interpolation);
-        let cropped = center_crop(&resized, self.input_size);
+        let size = self.input_size;
+        let (w, h) = shorter_side_size(img, self.resize_size.max(size));
+        let (left, top) = center_crop_offsets((w, h), size);
+        let window = (left, top, size as u32, size as u32);
+        let cropped = if (w, h) == (img.width() as usize, img.height() as usize) {
+            image::imageops::crop_imm(img, left, top, size as u32, size as u32).to_image()
+        } else {
+            resize_window(img, (w as u32, h as u32), window, self.interpolation)
+        };
         to_chw(&cropped, self.mean, self.std)
     }
 
-    /// Decode and transform one file.
-    pub fn load(&self, path: &Path) -> anyhow::Result<Vec<f32>> {
-        Ok(self.eval(&decode(path)?))
+    /// Decode and transform one file; the warning of a damaged file that still decoded.
+    pub fn load(&self, path: &Path) -> anyhow::Result<(Vec<f32>, Option<String>)> {
+        let decoded = decode(path)?;
+        Ok((self.eval(&decoded.image), decoded.warning))
     }
 }
 
@@ -98,11 +172,40 @@ mod tests {
     #[test]
     fn resize_keeps_aspect_and_crop_centers() {
         let img = RgbImage::from_fn(300, 200, |x, _| image::Rgb([(x % 256) as u8, 0, 0]));
-        let r = resize_shorter(&img, 100, Interpolation::Bilinear);
-        assert_eq!((r.width(), r.height()), (150, 100));
-        let c = center_crop(&img, 100);
-        assert_eq!((c.width(), c.height()), (100, 100));
-        assert_eq!(c.get_pixel(0, 0)[0], 100);
+        assert_eq!(shorter_side_size(&img, 100), (150, 100));
+        assert_eq!(center_crop_offsets((300, 200), 100), (100, 50));
+        let pre = Preprocess {
+            input_size: 100,
+            resize_size: 200,
+            interpolation: Interpolation::Bilinear,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        let v = pre.eval(&img);
+        assert_eq!(v.len(), 3 * 100 * 100);
+        assert_eq!(v[0], 100.0 / 255.0);
+    }
+
+    #[test]
+    fn a_long_thin_image_resizes_only_its_window() {
+        let img = RgbImage::from_fn(1, 60000, |_, y| image::Rgb([(y % 256) as u8, 0, 0]));
+        let pre = Preprocess {
+            input_size: 224,
+            resize_size: 256,
+            interpolation: Interpolation::Bilinear,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        assert_eq!(pre.eval(&img).len(), 3 * 224 * 224);
+    }
+
+    #[test]
+    fn truncated_jpeg_is_detected() {
+        let full = [0xFF, 0xD8, 0xFF, 0xDA, 1, 2, 0xFF, 0x00, 0xFF, 0xD9];
+        assert!(jpeg_is_complete(&full));
+        assert!(!jpeg_is_complete(&full[..7]));
+        // An end marker before the scan (an EXIF thumbnail's) does not count.
+        assert!(!jpeg_is_complete(&[0xFF, 0xD8, 0xFF, 0xD9, 0xFF, 0xDA, 1]));
     }
 
     #[test]

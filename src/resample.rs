@@ -27,8 +27,13 @@ fn bicubic(x: f64) -> f64 {
     }
 }
 
-/// For each output pixel: first input pixel and fixed-point weights.
-fn coefficients(in_size: usize, out_size: usize, interp: Interpolation) -> Vec<(usize, Vec<i32>)> {
+/// For each output pixel of `window`: first input pixel and fixed-point weights.
+fn coefficients(
+    in_size: usize,
+    out_size: usize,
+    window: std::ops::Range<usize>,
+    interp: Interpolation,
+) -> Vec<(usize, Vec<i32>)> {
     let (filter, support): (fn(f64) -> f64, f64) = match interp {
         Interpolation::Bilinear => (bilinear, 1.0),
         Interpolation::Bicubic => (bicubic, 2.0),
@@ -36,7 +41,7 @@ fn coefficients(in_size: usize, out_size: usize, interp: Interpolation) -> Vec<(
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = support * filterscale;
-    (0..out_size)
+    window
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
@@ -62,16 +67,20 @@ fn clip8(v: i64) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// One pass along x (`horizontal`) or y, as Pillow's `ImagingResampleHorizontal/Vertical_8bpc`.
+/// One pass along x (`horizontal`) or y, as Pillow's `ImagingResampleHorizontal/Vertical_8bpc`;
+/// `offset` is the first input pixel of `img` along the pass (rows or columns before it
+/// were never needed).
 fn pass(
     img: &RgbImage,
     out_w: u32,
     out_h: u32,
     horizontal: bool,
     coeffs: &[(usize, Vec<i32>)],
+    offset: usize,
 ) -> RgbImage {
     RgbImage::from_fn(out_w, out_h, |x, y| {
         let (start, weights) = &coeffs[if horizontal { x } else { y } as usize];
+        let start = start - offset;
         let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
         for (i, &w) in weights.iter().enumerate() {
             let p = if horizontal {
@@ -89,26 +98,50 @@ fn pass(
 
 /// Resize `img` to `w` x `h` as Pillow does: horizontal pass, then vertical.
 pub fn resize(img: &RgbImage, w: u32, h: u32, interp: Interpolation) -> RgbImage {
-    let mut out = img.clone();
-    if w != img.width() {
-        out = pass(
-            &out,
-            w,
-            img.height(),
-            true,
-            &coefficients(img.width() as usize, w as usize, interp),
-        );
+    resize_window(img, (w, h), (0, 0, w, h), interp)
+}
+
+/// The `(left, top, width, height)` window of `img` resized to `size`, computed without
+/// the rest: bit for bit the same pixels as resizing the whole image and cropping, with
+/// intermediates no larger than the window needs (a 1 x 60000 strip resized to a shorter
+/// side of 256 would otherwise be 15 million pixels long).
+pub fn resize_window(
+    img: &RgbImage,
+    (w, h): (u32, u32),
+    (left, top, cw, ch): (u32, u32, u32, u32),
+    interp: Interpolation,
+) -> RgbImage {
+    let (cols, rows) = (
+        left as usize..(left + cw) as usize,
+        top as usize..(top + ch) as usize,
+    );
+    // The vertical pass first decides which source rows the window needs.
+    let (rows_needed, v_coeffs) = if h != img.height() {
+        let c = coefficients(img.height() as usize, h as usize, rows, interp);
+        let first = c.iter().map(|(s, _)| *s).min().unwrap_or(0);
+        let last = c.iter().map(|(s, w)| s + w.len()).max().unwrap_or(first);
+        (first..last, Some(c))
+    } else {
+        (rows, None)
+    };
+    let band = image::imageops::crop_imm(
+        img,
+        0,
+        rows_needed.start as u32,
+        img.width(),
+        rows_needed.len() as u32,
+    )
+    .to_image();
+    let band = if w != img.width() {
+        let c = coefficients(img.width() as usize, w as usize, cols, interp);
+        pass(&band, cw, band.height(), true, &c, 0)
+    } else {
+        image::imageops::crop_imm(&band, left, 0, cw, band.height()).to_image()
+    };
+    match v_coeffs {
+        Some(c) => pass(&band, cw, ch, false, &c, rows_needed.start),
+        None => band,
     }
-    if h != img.height() {
-        out = pass(
-            &out,
-            w,
-            h,
-            false,
-            &coefficients(img.height() as usize, h as usize, interp),
-        );
-    }
-    out
 }
 
 #[cfg(test)]
@@ -118,12 +151,28 @@ mod tests {
     #[test]
     fn weights_sum_to_one_in_fixed_point() {
         for (n_in, n_out) in [(500, 256), (256, 500), (7, 3)] {
-            for (_, w) in coefficients(n_in, n_out, Interpolation::Bilinear) {
+            for (_, w) in coefficients(n_in, n_out, 0..n_out, Interpolation::Bilinear) {
                 let sum: i64 = w.iter().map(|&v| v as i64).sum();
                 assert!(
                     (sum - (1 << PRECISION_BITS)).abs() <= w.len() as i64,
                     "{sum}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_equals_the_crop_of_the_whole() {
+        let img = RgbImage::from_fn(41, 29, |x, y| {
+            Rgb([(x * 6) as u8, (y * 8) as u8, (x * y) as u8])
+        });
+        for (w, h) in [(23, 17), (60, 29), (41, 50), (90, 70)] {
+            for interp in [Interpolation::Bilinear, Interpolation::Bicubic] {
+                let whole = resize(&img, w, h, interp);
+                let (left, top, cw, ch) = (w / 3, h / 4, w / 2, h / 2);
+                let crop = image::imageops::crop_imm(&whole, left, top, cw, ch).to_image();
+                let window = resize_window(&img, (w, h), (left, top, cw, ch), interp);
+                assert!(crop == window, "{w}x{h} {interp:?}");
             }
         }
     }

@@ -25,6 +25,7 @@ use crate::load::{LoadOptions, LoadReport, load_pretrained, torch_tensors};
 use crate::models::{Arch, Model, ModelSpec, PretrainedConfig};
 use crate::output::{read_json, write_atomic, write_json, write_weights};
 use crate::preprocess::Preprocess;
+use crate::ranges;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -56,7 +57,7 @@ pub struct TrainOptions {
     #[arg(long)]
     pub scratch: bool,
     /// Network width for --scratch: mobilenet_v2's multiplier, or a ResNet's base width / 64.
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::width)]
     pub width: Option<f64>,
     /// Dotted key of a nested state dict in the checkpoint.
     #[arg(long)]
@@ -73,20 +74,20 @@ pub struct TrainOptions {
     /// Total epochs (on resume: the new total).
     #[arg(skip = 10usize)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = ranges::batch_size)]
     pub batch_size: usize,
     /// Peak learning rate (default: 1e-3 for AdamW, 1e-2 for SGD).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::positive)]
     pub lr: Option<f64>,
     #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
     pub optimizer: OptimizerKind,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = ranges::fraction)]
     pub momentum: f64,
     #[arg(long)]
     pub nesterov: bool,
     /// Weight decay (decoupled for AdamW, L2 for SGD).
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = ranges::non_negative)]
     pub weight_decay: f64,
     #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
     pub schedule: Schedule,
@@ -94,29 +95,29 @@ pub struct TrainOptions {
     #[arg(long, default_value_t = 1)]
     pub warmup_epochs: usize,
     /// Step schedule: epochs between decays.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = ranges::at_least_one)]
     pub step_size: usize,
     /// Step schedule: decay factor.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = ranges::positive)]
     pub gamma: f64,
     /// Learning-rate multiplier for the new head.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = ranges::positive)]
     pub head_lr_mult: f64,
     /// Train only the head until this epoch, then unfreeze to `--freeze` (fastai's fine_tune).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::at_least_one)]
     pub unfreeze_at: Option<usize>,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = ranges::smoothing)]
     pub label_smoothing: f32,
     /// `auto` weights the loss by inverse class frequency.
     #[arg(long)]
     pub class_weights: Option<ClassWeights>,
     /// Smallest area fraction of RandomResizedCrop (torchvision: 0.08).
-    #[arg(long, default_value_t = 0.08)]
+    #[arg(long, default_value_t = 0.08, value_parser = ranges::share)]
     pub crop_scale: f64,
     /// Square input side (default: the model's pretrained config).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::image_size)]
     pub image_size: Option<usize>,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = ranges::fraction)]
     pub val_fraction: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -124,7 +125,7 @@ pub struct TrainOptions {
     #[arg(long)]
     pub no_feature_cache: bool,
     /// Augmented views per image in the feature cache (the first is the eval view).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = ranges::cache_views)]
     pub cache_views: usize,
     /// Accept a checkpoint that does not match outside the head.
     #[arg(long)]
@@ -177,6 +178,25 @@ pub struct RunConfig {
     pub pretrained: PretrainedConfig,
     pub preprocess: Preprocess,
     pub classes: Vec<String>,
+    /// SHA-256 of the pretrained checkpoint, so a comparison can tell it changed.
+    #[serde(default)]
+    pub weights_sha256: Option<String>,
+}
+
+impl RunConfig {
+    /// A config read back from `file` that agrees with itself: as many classes as the
+    /// network's head has outputs.
+    pub fn check(&self, file: &Path) -> anyhow::Result<()> {
+        if self.classes.len() != self.model.num_classes {
+            bail!(
+                "{}: {} class names for a network with {} outputs",
+                file.display(),
+                self.classes.len(),
+                self.model.num_classes
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Progress that the `last` checkpoint carries besides weights and optimizer state. The
@@ -191,6 +211,37 @@ struct RunState {
     frozen_checksums: BTreeMap<String, String>,
 }
 
+impl Default for RunState {
+    fn default() -> Self {
+        Self {
+            epochs_done: 0,
+            best_top1: -1.0,
+            best_epoch: 0,
+            history: Vec::new(),
+            frozen_checksums: BTreeMap::new(),
+        }
+    }
+}
+
+impl RunState {
+    /// Is the epoch just recorded the best so far? Best = highest val top-1, ties going to
+    /// the lower val loss (small val sets tie often); without validation images, the last.
+    fn is_best(&self, no_validation: bool) -> bool {
+        let Some(latest) = self.history.last() else {
+            return false;
+        };
+        if no_validation {
+            return true;
+        }
+        let best_loss = self
+            .history
+            .get(self.best_epoch.wrapping_sub(1))
+            .map_or(f64::INFINITY, |m| m.val_loss);
+        latest.val_top1 > self.best_top1
+            || (latest.val_top1 == self.best_top1 && latest.val_loss < best_loss)
+    }
+}
+
 /// `summary.json` of a finished run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSummary {
@@ -200,6 +251,10 @@ pub struct RunSummary {
     pub epochs: usize,
     pub best_top1: f64,
     pub best_epoch: usize,
+    /// What "best" means for this run: the highest validation top-1, or the last epoch
+    /// when there were no validation images.
+    #[serde(default)]
+    pub best_means: String,
     pub final_top1: f64,
     pub trainable_params: usize,
     pub frozen_params: usize,
@@ -234,261 +289,541 @@ fn autodiff_device() -> Device {
     crate::cli::device().autodiff()
 }
 
-/// Start a run in `out`, or continue the one there (`resume`), for `epochs` epochs in all.
-pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    let data_dir = options.data.as_deref().context("--data DIR is required")?;
-    let started = Instant::now();
-    install_interrupt_handler();
-    let device = autodiff_device();
+/// The files and folders of a run: what [`holds_run`] looks for and [`remove_run`] removes.
+const RUN_FILES: [&str; 12] = [
+    "config.json",
+    "load_report.json",
+    "split.json",
+    "metrics.csv",
+    "metrics.jsonl",
+    "best.safetensors",
+    "summary.json",
+    "eval.json",
+    "confusion.png",
+    "last",
+    "last.tmp",
+    "last.old",
+];
 
-    // The split: made once, then reused (resume, other regimes of a comparison).
-    let split_path = out.join("split.json");
-    let split: Split = if split_path.exists() {
-        read_json(&split_path)?
-    } else {
-        let split = Split::make(data_dir, options.val_fraction, options.seed)?;
-        write_json(&split_path, &split)?;
-        split
-    };
-    for leak in &split.leaked {
-        eprintln!("warning: the same image is in train and val: {leak}");
+/// Does `dir` hold a run, or part of one?
+pub fn holds_run(dir: &Path) -> bool {
+    RUN_FILES.iter().any(|f| dir.join(f).exists())
+}
+
+/// Remove a run's files from `dir`, and nothing else that is there, to start over.
+pub fn remove_run(dir: &Path) -> anyhow::Result<()> {
+    for name in RUN_FILES {
+        let path = dir.join(name);
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else if path.exists() {
+            std::fs::remove_file(&path)
+        } else {
+            Ok(())
+        };
+        removed.with_context(|| format!("{}: cannot remove", path.display()))?;
     }
-    let num_classes = split.classes.len();
+    remove_orphan_temporaries(dir);
+    Ok(())
+}
 
-    // The network, pretrained or not; the seed also fixes the new head's initial weights.
+/// A new run was asked for in a folder that already holds one.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{0}: already holds a run; continue it with --resume {0}, or pass --overwrite to remove it and start over"
+)]
+pub struct RunExists(pub String);
+
+impl TrainOptions {
+    /// The ranges that the command line enforces, for options built in code; an error names
+    /// the flag.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use ranges::*;
+        let optional = |value: Option<f64>, check: Check<f64>| value.map_or(Ok(0.0), check);
+        let checks: [(&str, Result<f64, String>); 15] = [
+            (
+                "batch-size",
+                check_batch_size(self.batch_size).map(|n| n as f64),
+            ),
+            ("epochs", check_at_least_one(self.epochs).map(|n| n as f64)),
+            ("lr", optional(self.lr, check_positive)),
+            ("momentum", check_fraction(self.momentum)),
+            ("weight-decay", check_non_negative(self.weight_decay)),
+            (
+                "step-size",
+                check_at_least_one(self.step_size).map(|n| n as f64),
+            ),
+            ("gamma", check_positive(self.gamma)),
+            ("head-lr-mult", check_positive(self.head_lr_mult)),
+            (
+                "label-smoothing",
+                check_fraction(self.label_smoothing as f64),
+            ),
+            ("crop-scale", check_share(self.crop_scale)),
+            ("val-fraction", check_fraction(self.val_fraction)),
+            (
+                "cache-views",
+                check_cache_views(self.cache_views).map(|n| n as f64),
+            ),
+            ("width", optional(self.width, check_width)),
+            (
+                "image-size",
+                self.image_size
+                    .map_or(Ok(0), check_image_size)
+                    .map(|n| n as f64),
+            ),
+            (
+                "unfreeze-at",
+                self.unfreeze_at
+                    .map_or(Ok(1), check_at_least_one)
+                    .map(|n| n as f64),
+            ),
+        ];
+        for (flag, result) in checks {
+            result.map_err(|e| anyhow::anyhow!("--{flag}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn data_dir(&self) -> anyhow::Result<&Path> {
+        self.data.as_deref().context("--data DIR is required")
+    }
+}
+
+/// Start a new run in `out` (which must not hold one) on a split of `options.data`.
+pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
+    options.validate()?;
+    if holds_run(out) {
+        bail!(RunExists(out.display().to_string()));
+    }
+    let split = Split::make(options.data_dir()?, options.val_fraction, options.seed)?;
+    train_on_split(options, out, split)
+}
+
+/// [`train`] on a given split (a comparison gives every regime the same one). Everything
+/// is checked and loaded before the first file is written.
+pub fn train_on_split(
+    options: &TrainOptions,
+    out: &Path,
+    split: Split,
+) -> anyhow::Result<RunSummary> {
+    let started = Instant::now();
+    options.validate()?;
+    if holds_run(out) {
+        bail!(RunExists(out.display().to_string()));
+    }
+    for warning in &split.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if split.classes.len() < 2 {
+        bail!(
+            "{}: only one class folder ({}); a classifier needs at least two",
+            options.data_dir()?.display(),
+            split.classes.join(", ")
+        );
+    }
+    let device = autodiff_device();
+    // The seed also fixes the new head's initial weights.
     device.seed(options.seed);
-    let (mut model, spec, report) = build_model(options, num_classes, &device)?;
+    let (model, spec, report) = build_model(options, split.classes.len(), &device)?;
+    let session = Session::new(options.clone(), split, device, model, spec)?;
+    let weights_sha256 = options
+        .weights
+        .as_deref()
+        .map(data::sha256_file)
+        .transpose()?;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    write_json(&out.join("split.json"), &session.split)?;
     if let Some(report) = &report {
         eprintln!("{report}");
         write_json(&out.join("load_report.json"), report)?;
     }
-    let pretrained = spec.pretrained_config();
-    let mut preprocess = pretrained.preprocess.clone();
-    if let Some(size) = options.image_size {
-        let ratio = preprocess.resize_size as f64 / preprocess.input_size as f64;
-        preprocess.input_size = size;
-        preprocess.resize_size = (size as f64 * ratio).round() as usize;
-    }
     let config = RunConfig {
-        options: options.clone(),
-        model: spec.clone(),
-        pretrained,
-        preprocess: preprocess.clone(),
-        classes: split.classes.clone(),
+        weights_sha256,
+        ..session.config()
     };
     write_json(&out.join("config.json"), &config)?;
+    let optimizers = Optimizers::new(options);
+    session.run(out, RunState::default(), optimizers, started)
+}
 
-    let final_set = freeze::parse_spec(&options.freeze, &spec, &model)?;
-    let head_set = freeze::parse_spec("backbone", &spec, &model)?;
-    let phase_set = |epoch: usize| match options.unfreeze_at {
-        Some(at) if epoch < at => &head_set,
-        _ => &final_set,
-    };
-
-    // Resume from `last` if there is one (or from `last.old` if a crash hit the swap).
-    let last_dir = out.join("last");
-    let old_dir = out.join("last.old");
-    if !last_dir.join("state.json").exists() && old_dir.join("state.json").exists() {
-        let _ = std::fs::remove_dir_all(&last_dir);
-        std::fs::rename(&old_dir, &last_dir)
-            .with_context(|| format!("{}: cannot restore", old_dir.display()))?;
+/// Continue the run in `out` from its last finished epoch with the settings in its
+/// `config.json`; `epochs` (more than it has done) extends it.
+pub fn resume(out: &Path, epochs: Option<usize>) -> anyhow::Result<RunSummary> {
+    let started = Instant::now();
+    let config_path = out.join("config.json");
+    let config: RunConfig = read_json(&config_path)?;
+    config.check(&config_path)?;
+    let mut options = config.options.clone();
+    restore_last(out)?;
+    let last = out.join("last");
+    let state_path = last.join("state.json");
+    if !state_path.exists() {
+        bail!(
+            "{}: missing, so there is nothing to resume (the run stopped before it finished an epoch); start over with --overwrite",
+            state_path.display()
+        );
     }
-    let mut state = if last_dir.join("state.json").exists() {
-        model = model
-            .try_load_file(last_dir.join("model.bpk"))
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: cannot load the last checkpoint: {e}",
-                    last_dir.display()
-                )
-            })?;
-        let state: RunState = read_json(&last_dir.join("state.json"))?;
-        eprintln!(
-            "resuming {} after epoch {}",
+    let state: RunState = read_json(&state_path)?;
+    if let Some(epochs) = epochs {
+        if epochs < state.epochs_done {
+            bail!(
+                "--epochs {epochs}: the run has already trained {} epochs",
+                state.epochs_done
+            );
+        }
+        options.epochs = epochs;
+    }
+    // A run that finished its epochs but not its summary (killed in between) only finishes.
+    if state.epochs_done >= options.epochs && out.join("summary.json").exists() {
+        bail!(
+            "{}: the run has finished its {} epochs; pass --epochs N to extend it",
             out.display(),
             state.epochs_done
         );
-        state
-    } else {
-        RunState {
-            epochs_done: 0,
-            best_top1: -1.0,
-            best_epoch: 0,
-            history: Vec::new(),
-            frozen_checksums: BTreeMap::new(),
-        }
-    };
-    model = freeze::apply(model, phase_set(state.epochs_done), options.frozen_bn);
-    if state.epochs_done == 0 {
-        state.frozen_checksums = freeze::checksums(&model, &final_set, options.frozen_bn);
     }
-
-    let mut optimizers = Optimizers::new(options);
-    if last_dir.join("state.json").exists() {
-        optimizers = optimizers.load(&last_dir)?;
-    }
-
-    // Images decoded once, presized to what the transforms need.
-    let presize = preprocess.resize_size.max(preprocess.input_size);
-    let train_set = Arc::new(ImageSet::load(data_dir, &split.train, presize));
-    let val_set = Arc::new(ImageSet::load(data_dir, &split.val, presize));
-    for (label, name) in split.classes.iter().enumerate() {
-        if !train_set.labels.contains(&label) {
-            bail!("class '{name}' has no readable training images");
-        }
-    }
-    let loss_weights = options
-        .class_weights
-        .map(|_| inverse_frequency(&train_set.labels, num_classes));
-    let smoothing = (options.label_smoothing > 0.0).then_some(options.label_smoothing);
-    let criterion = CrossEntropyLossConfig::new()
-        .with_smoothing(smoothing)
-        .with_weights(loss_weights)
-        .init(&device);
-
-    let mut cache: Option<FeatureCache> = None;
-    let steps_per_epoch = train_set.len().div_ceil(options.batch_size).max(1);
-    let head_ids = head_param_ids(&model);
-    for epoch in state.epochs_done..options.epochs {
-        let set = phase_set(epoch);
-        if epoch > 0 && set != phase_set(epoch - 1) {
-            eprintln!(
-                "epoch {}: unfreezing to --freeze {}",
-                epoch + 1,
-                options.freeze
-            );
-            model = freeze::apply(model, set, options.frozen_bn);
-            cache = None;
-        }
-        let use_cache = !options.no_feature_cache
-            && options.frozen_bn == FrozenBn::Eval
-            && set.is_whole_backbone(&spec, &model);
-        if use_cache && cache.is_none() {
-            cache = Some(FeatureCache::build(
-                &model,
-                &train_set,
-                &val_set,
-                &preprocess,
-                options,
-            )?);
-        }
-        device.seed(options.seed.wrapping_add(epoch as u64));
-        let epoch_start = Instant::now();
-        let ctx = StepContext {
-            options,
-            epoch,
-            steps_per_epoch,
-            criterion: &criterion,
-            head_ids: &head_ids,
-            device: &device,
-        };
-        let progress = progress_bar(epoch, options.epochs, train_set.len());
-        let (new_model, train_loss, train_acc, lr) = match (&cache, use_cache) {
-            (Some(c), true) => train_epoch_cached(model, &mut optimizers, c, &ctx, &progress)?,
-            _ => train_epoch(
-                model,
-                &mut optimizers,
-                &train_set,
-                &preprocess,
-                &ctx,
-                &progress,
-            )?,
-        };
-        model = new_model;
-        progress.finish_and_clear();
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            bail!(Interrupted(out.display().to_string()));
-        }
-        let train_seconds = epoch_start.elapsed().as_secs_f64();
-        let (val_loss, val_top1, val_top5) = match (&cache, use_cache) {
-            (Some(c), true) => evaluate_cached(&model, c)?,
-            _ => evaluate(&model, &val_set, &preprocess, options.batch_size)?,
-        };
-        if !val_loss.is_finite() {
-            bail!(
-                "the validation loss became {val_loss} at epoch {}; stopping (the last good checkpoint is kept). Try a lower --lr",
-                epoch + 1
-            );
-        }
-        let metrics = EpochMetrics {
-            epoch: epoch + 1,
-            train_loss,
-            train_acc,
-            val_loss,
-            val_top1,
-            val_top5,
-            lr,
-            epoch_seconds: epoch_start.elapsed().as_secs_f64(),
-            images_per_second: train_set.len() as f64 / train_seconds,
-        };
-        println!("{}", metrics.line(options.epochs));
-        state.history.push(metrics);
-        state.epochs_done = epoch + 1;
-        // Best = highest val top-1; ties go to the lower val loss (small val sets tie often).
-        let best_loss = state
-            .history
-            .get(state.best_epoch.wrapping_sub(1))
-            .map_or(f64::INFINITY, |m| m.val_loss);
-        if val_top1 > state.best_top1 || (val_top1 == state.best_top1 && val_loss < best_loss) {
-            state.best_top1 = val_top1;
-            state.best_epoch = epoch + 1;
-            write_weights(&out.join("best.safetensors"), &model)?;
-        }
-        write_metrics(out, &state.history)?;
-        save_last(out, &model, &optimizers, &state)?;
-    }
-
-    let after = freeze::checksums(&model, &final_set, options.frozen_bn);
-    let changed = freeze::audit(&state.frozen_checksums, &after);
-    if !changed.is_empty() {
+    options
+        .validate()
+        .with_context(|| format!("{}", config_path.display()))?;
+    let split_path = out.join("split.json");
+    let split = read_json::<Split>(&split_path)?.check(&split_path)?;
+    if split.classes != config.classes {
         bail!(
-            "freeze audit FAILED: {} frozen tensor(s) changed during training, first: {}",
-            changed.len(),
-            changed[0]
+            "{}: its classes do not match those of config.json",
+            split_path.display()
         );
     }
-    let (trainable, frozen) = param_counts(&model, &final_set);
-    let summary = RunSummary {
-        architecture: spec.arch.to_string(),
-        freeze: options.freeze.clone(),
-        scratch: options.scratch,
-        epochs: state.epochs_done,
-        best_top1: state.best_top1,
-        best_epoch: state.best_epoch,
-        final_top1: state.history.last().map_or(0.0, |m| m.val_top1),
-        trainable_params: trainable,
-        frozen_params: frozen,
-        frozen_tensors: state.frozen_checksums.len(),
-        freeze_audit_passed: true,
-        feature_cache: cache.is_some(),
-        train_images: train_set.len(),
-        val_images: val_set.len(),
-        skipped_images: train_set
-            .skipped
-            .iter()
-            .chain(&val_set.skipped)
-            .cloned()
-            .collect(),
-        leaked_images: split.leaked.clone(),
-        wall_seconds: started.elapsed().as_secs_f64(),
-        train_images_per_second: {
-            let h = &state.history;
-            h.iter().map(|m| m.images_per_second).sum::<f64>() / h.len().max(1) as f64
-        },
-        peak_memory_mib: peak_memory_mib(),
-    };
-    write_json(&out.join("summary.json"), &summary)?;
-    println!(
-        "best val top-1 {:.3} at epoch {}; frozen: {} tensors ({} params), trainable params {}; freeze audit passed; {} skipped images",
-        summary.best_top1,
-        summary.best_epoch,
-        summary.frozen_tensors,
-        summary.frozen_params,
-        summary.trainable_params,
-        summary.skipped_images.len()
+    remove_orphan_temporaries(out);
+    let device = autodiff_device();
+    device.seed(options.seed);
+    let model = config
+        .model
+        .build(&device)
+        .try_load_file(last.join("model.bpk"))
+        .map_err(|e| anyhow::anyhow!("{}: cannot load: {e}", last.join("model.bpk").display()))?;
+    let session = Session::new(options.clone(), split, device, model, config.model.clone())?;
+    let optimizers = Optimizers::new(&options).load(&last)?;
+    if options.epochs != config.options.epochs {
+        let extended = RunConfig {
+            options: options.clone(),
+            ..config
+        };
+        write_json(&config_path, &extended)?;
+    }
+    eprintln!(
+        "resuming {} after epoch {}",
+        out.display(),
+        state.epochs_done
     );
-    Ok(summary)
+    session.run(out, state, optimizers, started)
+}
+
+/// After a crash during the swap in [`save_last`], `last.old` is the checkpoint.
+fn restore_last(out: &Path) -> anyhow::Result<()> {
+    let (last, old) = (out.join("last"), out.join("last.old"));
+    if !last.join("state.json").exists() && old.join("state.json").exists() {
+        let _ = std::fs::remove_dir_all(&last);
+        std::fs::rename(&old, &last)
+            .with_context(|| format!("{}: cannot restore", old.display()))?;
+    }
+    Ok(())
+}
+
+/// Temporary files that a kill during an atomic write left behind.
+fn remove_orphan_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if crate::output::is_temporary(&entry.path()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// A run about to train: options, network, preprocessing, split and decoded images, all
+/// checked; nothing written yet.
+struct Session {
+    options: TrainOptions,
+    device: Device,
+    model: Model,
+    spec: ModelSpec,
+    preprocess: Preprocess,
+    split: Split,
+    train_set: Arc<ImageSet>,
+    val_set: Arc<ImageSet>,
+    final_set: FreezeSet,
+    head_set: FreezeSet,
+}
+
+impl Session {
+    fn new(
+        options: TrainOptions,
+        split: Split,
+        device: Device,
+        model: Model,
+        spec: ModelSpec,
+    ) -> anyhow::Result<Self> {
+        let data_dir = options.data_dir()?;
+        let final_set = freeze::parse_spec(&options.freeze, &spec, &model)?;
+        let head_set = freeze::parse_spec("backbone", &spec, &model)?;
+        let mut preprocess = spec.pretrained_config().preprocess;
+        if let Some(size) = options.image_size {
+            let ratio = preprocess.resize_size as f64 / preprocess.input_size as f64;
+            preprocess.input_size = size;
+            preprocess.resize_size = (size as f64 * ratio).round() as usize;
+        }
+        // Images decoded once, presized to what the transforms need.
+        let presize = preprocess.resize_size.max(preprocess.input_size);
+        let train_set = ImageSet::load(data_dir, &split.train, presize);
+        let val_set = ImageSet::load(data_dir, &split.val, presize);
+        let changed: Vec<String> = train_set
+            .changed
+            .iter()
+            .chain(&val_set.changed)
+            .cloned()
+            .collect();
+        if !changed.is_empty() {
+            bail!(
+                "{}: {} image(s) of the split are missing or changed since it was made: {}",
+                data_dir.display(),
+                changed.len(),
+                data::first_ten(&changed)
+            );
+        }
+        for warning in train_set.warnings.iter().chain(&val_set.warnings) {
+            eprintln!("warning: {warning}");
+        }
+        for skipped in train_set.skipped.iter().chain(&val_set.skipped) {
+            eprintln!("warning: skipping unreadable image {skipped}");
+        }
+        for (label, name) in split.classes.iter().enumerate() {
+            if !train_set.labels.contains(&label) {
+                bail!("class '{name}' has no readable training images");
+            }
+        }
+        if val_set.is_empty() {
+            eprintln!(
+                "warning: no validation images (--val-fraction 0, or classes of one image); \"best\" will be the last epoch"
+            );
+        }
+        for leak in &split.leaked {
+            eprintln!("warning: the same image is in train and val: {leak}");
+        }
+        Ok(Self {
+            options,
+            device,
+            model,
+            spec,
+            preprocess,
+            split,
+            train_set: Arc::new(train_set),
+            val_set: Arc::new(val_set),
+            final_set,
+            head_set,
+        })
+    }
+
+    fn config(&self) -> RunConfig {
+        RunConfig {
+            options: self.options.clone(),
+            model: self.spec.clone(),
+            pretrained: self.spec.pretrained_config(),
+            preprocess: self.preprocess.clone(),
+            classes: self.split.classes.clone(),
+            weights_sha256: None,
+        }
+    }
+
+    fn phase_set(&self, epoch: usize) -> &FreezeSet {
+        match self.options.unfreeze_at {
+            Some(at) if epoch < at => &self.head_set,
+            _ => &self.final_set,
+        }
+    }
+
+    /// Train from `state` to the last epoch, checkpointing each one, then audit the frozen
+    /// tensors and write `summary.json`.
+    fn run(
+        self,
+        out: &Path,
+        mut state: RunState,
+        mut optimizers: Optimizers,
+        started: Instant,
+    ) -> anyhow::Result<RunSummary> {
+        install_interrupt_handler();
+        let options = &self.options;
+        let (device, spec, preprocess) = (&self.device, &self.spec, &self.preprocess);
+        let (train_set, val_set) = (&self.train_set, &self.val_set);
+        let mut model = freeze::apply(
+            self.model.clone(),
+            self.phase_set(state.epochs_done),
+            options.frozen_bn,
+        );
+        if state.epochs_done == 0 {
+            state.frozen_checksums = freeze::checksums(&model, &self.final_set, options.frozen_bn);
+        }
+        let loss_weights = options
+            .class_weights
+            .map(|_| inverse_frequency(&train_set.labels, self.split.classes.len()));
+        let smoothing = (options.label_smoothing > 0.0).then_some(options.label_smoothing);
+        let criterion = CrossEntropyLossConfig::new()
+            .with_smoothing(smoothing)
+            .with_weights(loss_weights)
+            .init(device);
+
+        let mut cache: Option<FeatureCache> = None;
+        let steps_per_epoch = train_set.len().div_ceil(options.batch_size).max(1);
+        let head_ids = head_param_ids(&model);
+        for epoch in state.epochs_done..options.epochs {
+            let set = self.phase_set(epoch);
+            if epoch > 0 && set != self.phase_set(epoch - 1) {
+                eprintln!(
+                    "epoch {}: unfreezing to --freeze {}",
+                    epoch + 1,
+                    options.freeze
+                );
+                model = freeze::apply(model, set, options.frozen_bn);
+                cache = None;
+            }
+            let use_cache = !options.no_feature_cache
+                && options.frozen_bn == FrozenBn::Eval
+                && set.is_whole_backbone(spec, &model);
+            if use_cache && cache.is_none() {
+                cache = Some(FeatureCache::build(
+                    &model, train_set, val_set, preprocess, options,
+                )?);
+            }
+            device.seed(options.seed.wrapping_add(epoch as u64));
+            let epoch_start = Instant::now();
+            let ctx = StepContext {
+                options,
+                epoch,
+                steps_per_epoch,
+                criterion: &criterion,
+                head_ids: &head_ids,
+                device,
+            };
+            let progress = progress_bar(epoch, options.epochs, train_set.len());
+            let (new_model, train_loss, train_acc, lr) = match (&cache, use_cache) {
+                (Some(c), true) => train_epoch_cached(model, &mut optimizers, c, &ctx, &progress)?,
+                _ => train_epoch(
+                    model,
+                    &mut optimizers,
+                    train_set,
+                    preprocess,
+                    &ctx,
+                    &progress,
+                )?,
+            };
+            model = new_model;
+            progress.finish_and_clear();
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                bail!(Interrupted(out.display().to_string()));
+            }
+            let train_seconds = epoch_start.elapsed().as_secs_f64();
+            let (val_loss, val_top1, val_top5) = match (&cache, use_cache) {
+                (Some(c), true) => evaluate_cached(&model, c)?,
+                _ => evaluate(&model, val_set, preprocess, options.batch_size)?,
+            };
+            if !val_loss.is_finite() {
+                bail!(
+                    "the validation loss became {val_loss} at epoch {}; stopping (the last good checkpoint is kept). Try a lower --lr",
+                    epoch + 1
+                );
+            }
+            let metrics = EpochMetrics {
+                epoch: epoch + 1,
+                train_loss,
+                train_acc,
+                val_loss,
+                val_top1,
+                val_top5,
+                lr,
+                epoch_seconds: epoch_start.elapsed().as_secs_f64(),
+                images_per_second: train_set.len() as f64 / train_seconds,
+            };
+            println!("{}", metrics.line(options.epochs));
+            state.history.push(metrics);
+            state.epochs_done = epoch + 1;
+            if state.is_best(val_set.is_empty()) {
+                state.best_top1 = val_top1;
+                state.best_epoch = epoch + 1;
+                write_weights(&out.join("best.safetensors"), &model)?;
+            }
+            write_metrics(out, &state.history)?;
+            save_last(out, &model, &optimizers, &state)?;
+        }
+        self.finish(out, &model, &state, cache.is_some(), started)
+    }
+
+    /// The freeze audit and `summary.json`.
+    fn finish(
+        &self,
+        out: &Path,
+        model: &Model,
+        state: &RunState,
+        feature_cache: bool,
+        started: Instant,
+    ) -> anyhow::Result<RunSummary> {
+        let options = &self.options;
+        let after = freeze::checksums(model, &self.final_set, options.frozen_bn);
+        let changed = freeze::audit(&state.frozen_checksums, &after);
+        if !changed.is_empty() {
+            bail!(
+                "freeze audit FAILED: {} frozen tensor(s) changed during training, first: {}",
+                changed.len(),
+                changed[0]
+            );
+        }
+        let (trainable, frozen) = param_counts(model, &self.final_set);
+        let summary = RunSummary {
+            architecture: self.spec.arch.to_string(),
+            freeze: options.freeze.clone(),
+            scratch: options.scratch,
+            epochs: state.epochs_done,
+            best_top1: state.best_top1,
+            best_epoch: state.best_epoch,
+            best_means: if self.val_set.is_empty() {
+                "the last epoch (no validation images)".into()
+            } else {
+                "the highest validation top-1 (ties: the lower validation loss)".into()
+            },
+            final_top1: state.history.last().map_or(0.0, |m| m.val_top1),
+            trainable_params: trainable,
+            frozen_params: frozen,
+            frozen_tensors: state.frozen_checksums.len(),
+            freeze_audit_passed: true,
+            feature_cache,
+            train_images: self.train_set.len(),
+            val_images: self.val_set.len(),
+            skipped_images: self
+                .train_set
+                .skipped
+                .iter()
+                .chain(&self.val_set.skipped)
+                .cloned()
+                .collect(),
+            leaked_images: self.split.leaked.clone(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            train_images_per_second: {
+                let h = &state.history;
+                h.iter().map(|m| m.images_per_second).sum::<f64>() / h.len().max(1) as f64
+            },
+            peak_memory_mib: peak_memory_mib(),
+        };
+        write_json(&out.join("summary.json"), &summary)?;
+        println!(
+            "best val top-1 {:.3} at epoch {}; frozen: {} tensors ({} params), trainable params {}; freeze audit passed; {} skipped images",
+            summary.best_top1,
+            summary.best_epoch,
+            summary.frozen_tensors,
+            summary.frozen_params,
+            summary.trainable_params,
+            summary.skipped_images.len()
+        );
+        Ok(summary)
+    }
 }
 
 fn build_model(
@@ -706,15 +1041,12 @@ impl StepContext<'_> {
 }
 
 fn count_correct(logits: &Tensor<2>, labels: &[usize]) -> anyhow::Result<usize> {
-    let pred = logits
-        .clone()
-        .argmax(1)
-        .try_into_vec_as::<i64>()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    Ok(pred
-        .iter()
+    let values = crate::cli::to_vec(logits.clone())?;
+    let classes = logits.dims()[1];
+    Ok(values
+        .chunks(classes)
         .zip(labels)
-        .filter(|(p, l)| **p as usize == **l)
+        .filter(|(row, label)| rank(row, **label) == 0)
         .count())
 }
 
@@ -749,7 +1081,7 @@ fn train_epoch(
         order.truncate(order.len() / opts.batch_size * opts.batch_size);
     }
     let seed = opts.seed.wrapping_mul(31).wrapping_add(ctx.epoch as u64);
-    let rx = data::batches(
+    let batches = data::batches(
         set.clone(),
         pre.clone(),
         order,
@@ -761,10 +1093,11 @@ fn train_epoch(
     );
     let mut totals = EpochTotals::default();
     let size = pre.input_size;
-    for (i, batch) in rx.into_iter().enumerate() {
+    for (i, batch) in batches.enumerate() {
         if INTERRUPTED.load(Ordering::SeqCst) {
             break;
         }
+        let batch = batch?;
         let n = batch.labels.len();
         let x = Tensor::<4>::from_data(
             TensorData::new(batch.pixels, [n, 3, size, size]),
@@ -822,6 +1155,7 @@ impl FeatureCache {
                 options.batch_size,
                 transform,
             ) {
+                let batch = batch?;
                 let n = batch.labels.len();
                 let device = crate::cli::device();
                 let x = Tensor::<4>::from_data(
@@ -891,19 +1225,39 @@ fn train_epoch_cached(
     totals.finish(model)
 }
 
-/// Mean cross-entropy, top-1 and top-5 of `logits` rows against `labels`.
+/// Where `label` ranks in a row of logits: how many classes come before it, ties going to
+/// the lower class index. Rank 0 is exactly "[`argmax`] is the label", so top-1 and the
+/// confusion matrix always agree and constant logits are not all correct. A row with a
+/// non-finite value ranks the label last.
+pub fn rank(row: &[f32], label: usize) -> usize {
+    if !row.iter().all(|v| v.is_finite()) {
+        return row.len();
+    }
+    let x = row[label];
+    row.iter()
+        .enumerate()
+        .filter(|&(j, &v)| v > x || (v == x && j < label))
+        .count()
+}
+
+/// The predicted class: the first of the largest logits.
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv { (i, v) } else { (bi, bv) }
+        })
+        .0
+}
+
+/// Summed cross-entropy, top-1 and top-5 counts of `logits` rows against `labels`.
 pub fn score(logits: &[f32], labels: &[usize], classes: usize) -> (f64, usize, usize) {
     let (mut loss, mut top1, mut top5) = (0.0, 0, 0);
     for (row, &label) in logits.chunks(classes).zip(labels) {
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let lse = row.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
         loss += (lse - row[label]) as f64;
-        // A non-finite logit row ranks the true class last: NaN compares false otherwise.
-        let rank = if row.iter().all(|v| v.is_finite()) {
-            row.iter().filter(|&&v| v > row[label]).count()
-        } else {
-            classes
-        };
+        let rank = rank(row, label);
         top1 += usize::from(rank == 0);
         top5 += usize::from(rank < 5);
     }
@@ -922,6 +1276,7 @@ fn evaluate(
     let (mut loss, mut top1, mut top5) = (0.0, 0, 0);
     let size = pre.input_size;
     for batch in data::batches(set.clone(), pre.clone(), order, batch_size, Transform::Eval) {
+        let batch = batch?;
         let n = batch.labels.len();
         let x = Tensor::<4>::from_data(TensorData::new(batch.pixels, [n, 3, size, size]), &device);
         let logits = crate::cli::to_vec(eval_model.forward(x))?;

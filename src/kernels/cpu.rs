@@ -530,39 +530,54 @@ pub fn dense_backward_input(g: &ConvGeometry, weight: &[f32], grad: &[f32]) -> V
     dx
 }
 
+/// Partial weight gradients per dense convolution. The batch is cut into this many runs of
+/// images whatever the thread count, each run is summed in image order and the runs are
+/// added in index order, so the gradient is the same bit for bit on any number of threads
+/// (a rayon fold/reduce combines partial sums in an order set by work stealing).
+const WEIGHT_GRAD_PARTIALS: usize = 4;
+
 /// Dense weight gradient: `sum over images of dY [cout, P] * cols^T [P, K]`.
 pub fn dense_backward_weight(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let (k, p) = (g.patch_len(), g.out_plane());
-    let per_image = |(dw, cols): (Vec<f32>, Vec<f32>), (x, dy): (&[f32], &[f32])| {
-        let (mut dw, mut cols) = (dw, cols);
-        if dw.is_empty() {
-            dw = vec![0f32; g.cout * k];
-        }
-        let dy = MatRef::rows(dy, p);
-        if g.is_pointwise() {
-            matmul(&mut dw, dy, MatRef::transposed(x, p), (g.cout, k, p), true);
-        } else {
-            cols.resize(k * p, 0.0);
-            im2col(g, x, &mut cols);
-            matmul(
-                &mut dw,
-                dy,
-                MatRef::transposed(&cols, p),
-                (g.cout, k, p),
-                true,
-            );
-        }
-        (dw, cols)
+    let len = g.cout * k;
+    let runs = g.batch.clamp(1, WEIGHT_GRAD_PARTIALS);
+    // Threads left over by the runs go to each run's GEMM, which splits only its output.
+    let threads = rayon::current_num_threads();
+    let inner = match threads / runs {
+        0 | 1 => Parallelism::None,
+        t => Parallelism::Rayon(t),
     };
-    x.par_chunks(g.cin * g.in_plane())
-        .zip(grad.par_chunks(g.cout * p))
-        .fold(|| (Vec::new(), Vec::new()), per_image)
-        .map(|(dw, _)| dw)
-        .reduce(Vec::new, |a, b| match (a.is_empty(), b.is_empty()) {
-            (true, _) => b,
-            (_, true) => a,
-            _ => a.iter().zip(&b).map(|(x, y)| x + y).collect(),
-        })
+    let (image_len, grad_len) = (g.cin * g.in_plane(), g.cout * p);
+    let mut partials = vec![0f32; runs * len];
+    partials
+        .par_chunks_mut(len)
+        .enumerate()
+        .for_each(|(run, dw)| {
+            let mut cols = Vec::new();
+            for n in run * g.batch / runs..(run + 1) * g.batch / runs {
+                let x = &x[n * image_len..][..image_len];
+                let dy = MatRef::rows(&grad[n * grad_len..][..grad_len], p);
+                let patches = if g.is_pointwise() {
+                    x
+                } else {
+                    cols.resize(k * p, 0.0);
+                    im2col(g, x, &mut cols);
+                    &cols
+                };
+                let patches = MatRef::transposed(patches, p);
+                matmul_with(dw, k, dy, patches, (g.cout, k, p), true, inner);
+            }
+        });
+    let (dw, rest) = partials.split_at_mut(len);
+    dw.par_chunks_mut(1 << 14).enumerate().for_each(|(i, out)| {
+        for part in rest.chunks_exact(len) {
+            for (d, v) in out.iter_mut().zip(&part[i << 14..]) {
+                *d += v;
+            }
+        }
+    });
+    partials.truncate(len);
+    partials
 }
 
 /// `min(max(x, 0), 6)`, NaN kept as NaN (as PyTorch).

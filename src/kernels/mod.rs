@@ -1043,4 +1043,57 @@ mod tests {
         // torch.nn.functional.relu6 backward: zero at and beyond both edges.
         assert_eq!(dx, [0.0, 0.0, 0.0, 4.0, 5.0, 0.0, 0.0, 8.0, 0.0]);
     }
+    /// Every gradient of a few convolutions and a train-mode BatchNorm, as bits, computed
+    /// in a rayon pool of `threads` threads.
+    fn gradient_bits(threads: usize) -> Vec<Vec<u32>> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a thread pool");
+        pool.install(|| {
+            let device = Device::flex().autodiff();
+            let values = |shape: [usize; 4], phase: f32| {
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + phase).sin()).collect();
+                Tensor::<4>::from_data(TensorData::new(v, shape), &device).require_grad()
+            };
+            let bits = |t: Tensor<4>| -> Vec<u32> {
+                let v: Vec<f32> = t.into_data().try_to_vec().unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            };
+            let mut out = Vec::new();
+            // im2col (3x3 stride 2), pointwise, Winograd and depthwise, batch 9.
+            for (cout, kernel, stride, groups) in
+                [(6, 3, 2, 1), (6, 1, 1, 1), (6, 3, 1, 1), (5, 3, 1, 5)]
+            {
+                let x = values([9, 5, 11, 10], 0.1);
+                let w = values([cout, 5 / groups, kernel, kernel], 0.7);
+                let pad = kernel / 2;
+                let options = ConvOptions::new([stride; 2], [pad; 2], [1, 1], groups);
+                let y = conv2d_flex(x.clone(), w.clone(), None, options);
+                let grads = (y.clone() * y).sum().backward();
+                out.push(bits(x.grad(&grads).unwrap()));
+                out.push(bits(w.grad(&grads).unwrap()));
+            }
+            let x = values([9, 5, 7, 6], 0.3);
+            let gamma = Tensor::<1>::ones([5], &device).require_grad();
+            let beta = Tensor::<1>::zeros([5], &device).require_grad();
+            let y = batch_norm_train(x.clone(), gamma.clone(), beta.clone(), 1e-5).0;
+            let grads = (y.clone() * y.clone().sin()).sum().backward();
+            out.push(bits(x.grad(&grads).unwrap()));
+            out.push(bits(gamma.grad(&grads).unwrap().reshape([1, 1, 1, -1])));
+            out
+        })
+    }
+
+    #[test]
+    fn gradients_are_bit_identical_on_any_number_of_threads() {
+        let one = gradient_bits(1);
+        for threads in [2, 3, 7] {
+            assert!(
+                gradient_bits(threads) == one,
+                "{threads} threads differ from 1"
+            );
+        }
+    }
 }
