@@ -444,7 +444,10 @@ fn bad_freeze_spec_lists_the_valid_names() {
     let cases = [
         ("encoder.3", "top-level modules: features, classifier"),
         ("features.20-30", "goes past the last module, features.18"),
-        ("features.0-18446744073709551615", "goes past the last module, features.18"),
+        (
+            "features.0-18446744073709551615",
+            "goes past the last module, features.18",
+        ),
     ];
     for (spec, message) in cases {
         let stderr = retrain_err(train_args(
@@ -454,7 +457,10 @@ fn bad_freeze_spec_lists_the_valid_names() {
             &["--freeze", spec, "--epochs", "1"],
         ));
         assert!(stderr.contains(message), "{stderr}");
-        assert!(!dir.path().join("r").exists(), "nothing is written for a bad spec");
+        assert!(
+            !dir.path().join("r").exists(),
+            "nothing is written for a bad spec"
+        );
     }
 }
 
