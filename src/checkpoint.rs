@@ -3,8 +3,9 @@
 //!
 //! Reading a checkpoint never executes code: `.pth` pickles are interpreted by the
 //! `pytorch-reader` crate, which only understands the calls PyTorch uses to rebuild tensors
-//! and honours stored strides and storage offsets. On top of it we refuse any pickle that
-//! names a global outside a small allowlist, as `torch.load(weights_only=True)` does.
+//! and honours stored strides and storage offsets. Before it runs, [`crate::pickle_scan`]
+//! refuses any pickle that names a global outside the allowlist of
+//! `torch.load(weights_only=True)`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,6 +14,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use pytorch_reader::{DType, FileFormat, PickleValue, PytorchReader};
+
+use crate::pickle_scan;
 
 /// A bad checkpoint: the file and what is wrong with it, printed on one line.
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +148,17 @@ const NESTING_KEYS: [&str; 4] = ["state_dict", "model_state_dict", "model", "net
 /// a state dict nested under one of [`NESTING_KEYS`] is found automatically. A `module.`
 /// prefix on every key (DataParallel) is stripped.
 pub fn read(path: &Path, key: Option<&str>) -> Result<StateDict, CheckpointError> {
-    let mut head = [0u8; 16];
+    read_with(path, key, true)
+}
+
+/// [`read`] without the tensor data: names, dtypes and shapes only (every `data` is
+/// empty), so that listing a checkpoint allocates nothing for its tensors.
+pub fn read_layout(path: &Path, key: Option<&str>) -> Result<StateDict, CheckpointError> {
+    read_with(path, key, false)
+}
+
+fn read_with(path: &Path, key: Option<&str>, with_data: bool) -> Result<StateDict, CheckpointError> {
+    let mut head = [0u8; 512];
     let n = File::open(path)
         .and_then(|mut f| read_up_to(&mut f, &mut head))
         .map_err(|e| CheckpointError::new(path, format!("cannot read file: {e}")))?;
@@ -153,9 +166,9 @@ pub fn read(path: &Path, key: Option<&str>) -> Result<StateDict, CheckpointError
         return Err(CheckpointError::new(path, "file is empty"));
     }
     let (format, mut tensors) = if looks_like_safetensors(&head[..n]) {
-        (Format::Safetensors, read_safetensors(path)?)
+        (Format::Safetensors, read_safetensors(path, with_data)?)
     } else {
-        read_pth(path, key)?
+        read_pth(path, container(path, &head[..n])?, key, with_data)?
     };
     if format == Format::Safetensors
         && let Some(key) = key
@@ -195,7 +208,10 @@ fn looks_like_safetensors(head: &[u8]) -> bool {
     head.len() > 8 && head[8] == b'{'
 }
 
-fn read_safetensors(path: &Path) -> Result<BTreeMap<NaturalKey, StoredTensor>, CheckpointError> {
+fn read_safetensors(
+    path: &Path,
+    with_data: bool,
+) -> Result<BTreeMap<NaturalKey, StoredTensor>, CheckpointError> {
     let bytes = std::fs::read(path)
         .map_err(|e| CheckpointError::new(path, format!("cannot read file: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
@@ -224,59 +240,158 @@ fn read_safetensors(path: &Path) -> Result<BTreeMap<NaturalKey, StoredTensor>, C
         let tensor = StoredTensor {
             dtype: dtype_name(dtype),
             shape: view.shape().to_vec(),
-            data: to_f32(dtype, view.data()),
+            data: if with_data {
+                to_f32(dtype, view.data())
+            } else {
+                Vec::new()
+            },
         };
         out.insert(NaturalKey(name), tensor);
     }
     Ok(out)
 }
 
+/// The container of a `.pth` file, told from its first bytes as `pytorch-reader` does.
+fn container(path: &Path, head: &[u8]) -> Result<Format, CheckpointError> {
+    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        Ok(Format::Zip)
+    } else if head.get(257..262) == Some(b"ustar") {
+        Err(CheckpointError::new(
+            path,
+            "pre-0.1.10 TAR checkpoints are not supported; re-save it with torch.save",
+        ))
+    } else if head.first() == Some(&0x80) {
+        Ok(Format::Legacy)
+    } else {
+        Err(CheckpointError::new(
+            path,
+            "not a PyTorch checkpoint (neither a zip archive nor a pickle) nor a safetensors file",
+        ))
+    }
+}
+
+/// Apply the `weights_only` policy to every pickle of the file before anything else
+/// reads it: `data.pkl` of a zip (every candidate root), or the five pickles that open a
+/// legacy file.
+fn check_pickles(path: &Path, format: Format) -> Result<(), CheckpointError> {
+    let refuse = |e: pickle_scan::PickleError| CheckpointError::new(path, e.to_string());
+    let io = |e: &dyn fmt::Display| CheckpointError::new(path, format!("cannot read: {e}"));
+    let file = File::open(path).map_err(|e| io(&e))?;
+    if format == Format::Legacy {
+        let mut reader = std::io::BufReader::new(file);
+        return pickle_scan::scan_stream(&mut reader, 5).map_err(refuse);
+    }
+    let mut archive = zip::ZipArchive::new(file)
+        .map_err(|e| CheckpointError::new(path, format!("not a readable zip archive ({e})")))?;
+    let pickles: Vec<usize> = (0..archive.len())
+        .filter(|&i| {
+            archive.name_for_index(i).is_some_and(|n| {
+                n.strip_suffix("data.pkl")
+                    .is_some_and(|root| root.is_empty() || root.ends_with('/'))
+            })
+        })
+        .collect();
+    if pickles.is_empty() {
+        return Err(CheckpointError::new(path, "the zip archive has no data.pkl"));
+    }
+    for index in pickles {
+        // Raw: torch writes pickles uncompressed and may leave their CRC out
+        // (`set_crc32_options(False)`); pytorch-reader checks it where there is one.
+        let entry = archive.by_index_raw(index).map_err(|e| io(&e))?;
+        if entry.compression() != zip::CompressionMethod::Stored {
+            return Err(CheckpointError::new(path, "a compressed data.pkl (torch never writes one)"));
+        }
+        let name = entry.name().to_string();
+        if entry.size() > pickle_scan::MAX_PICKLE_BYTES {
+            return Err(CheckpointError::new(path, format!("{name} is too large")));
+        }
+        let mut bytes = Vec::new();
+        entry
+            .take(pickle_scan::MAX_PICKLE_BYTES)
+            .read_to_end(&mut bytes)
+            .map_err(|e| io(&e))?;
+        pickle_scan::scan(&bytes).map_err(refuse)?;
+    }
+    Ok(())
+}
+
+/// How many bytes of tensor elements a file may make, in all and per tensor: a view can
+/// repeat its storage (stride 0, overlapping strides), which PyTorch allows, but a few
+/// bytes declaring a [100000, 10000] view of one value must not become 4 GB.
+struct Budget {
+    per_tensor: u64,
+    left: u64,
+}
+
+impl Budget {
+    fn for_file(path: &Path) -> Result<Self, CheckpointError> {
+        let len = std::fs::metadata(path)
+            .map_err(|e| CheckpointError::new(path, format!("cannot read file: {e}")))?
+            .len();
+        Ok(Self {
+            per_tensor: len.saturating_add(1 << 20),
+            left: len.saturating_mul(4).saturating_add(64 << 20),
+        })
+    }
+
+    fn take(&mut self, path: &Path, name: &str, shape: &[usize], dtype: DType) -> Result<(), CheckpointError> {
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
+            .unwrap_or(u64::MAX);
+        if bytes > self.per_tensor || bytes > self.left {
+            return Err(CheckpointError::new(
+                path,
+                format!(
+                    "tensor '{name}' of shape {shape:?} would take {bytes} bytes, more than the file could hold (a view repeating its storage?)"
+                ),
+            ));
+        }
+        self.left -= bytes;
+        Ok(())
+    }
+}
+
 fn read_pth(
     path: &Path,
+    format: Format,
     key: Option<&str>,
+    with_data: bool,
 ) -> Result<(Format, BTreeMap<NaturalKey, StoredTensor>), CheckpointError> {
+    check_pickles(path, format)?;
     let pth_error = |e: pytorch_reader::PytorchError| {
         CheckpointError::new(path, format!("not a readable PyTorch checkpoint ({e})"))
     };
     let tree = PytorchReader::read_pickle_data(path, None).map_err(pth_error)?;
-    if let Some(global) = first_disallowed_global(&tree) {
-        return Err(CheckpointError::new(
-            path,
-            format!(
-                "pickle references the global '{global}', which is not allowed in a weights file"
-            ),
-        ));
-    }
     let prefix = match key {
         Some(k) => Some(k.to_string()),
         None => nested_state_dict_key(&tree).map(str::to_string),
     };
     let reader = PytorchReader::new(path).map_err(pth_error)?;
-    let format = match reader.metadata().format_type {
-        FileFormat::Zip => Format::Zip,
-        FileFormat::Legacy => Format::Legacy,
-        FileFormat::Tar => {
-            return Err(CheckpointError::new(
-                path,
-                "pre-0.1.10 TAR checkpoints are not supported; re-save it with torch.save",
-            ));
-        }
-        FileFormat::Pickle => {
-            return Err(CheckpointError::new(
-                path,
-                "a plain pickle without tensor storages, not a PyTorch checkpoint",
-            ));
-        }
-    };
+    if reader.metadata().format_type == FileFormat::Pickle {
+        return Err(CheckpointError::new(
+            path,
+            "a plain pickle without tensor storages, not a PyTorch checkpoint",
+        ));
+    }
+    let mut budget = Budget::for_file(path)?;
     let mut tensors = BTreeMap::new();
-    for (name, tensor) in reader.into_tensors() {
-        let bytes = tensor
-            .read()
-            .map_err(|e| CheckpointError::new(path, format!("cannot read tensor '{name}': {e}")))?;
+    let mut all: Vec<_> = reader.into_tensors().into_iter().collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, tensor) in all {
+        budget.take(path, &name, tensor.shape(), tensor.dtype())?;
+        let data = if with_data {
+            let bytes = tensor.read().map_err(|e| {
+                CheckpointError::new(path, format!("cannot read tensor '{name}': {e}"))
+            })?;
+            to_f32(tensor.dtype(), &bytes)
+        } else {
+            Vec::new()
+        };
         let stored = StoredTensor {
             dtype: dtype_name(tensor.dtype()),
             shape: tensor.shape().to_vec(),
-            data: to_f32(tensor.dtype(), &bytes),
+            data,
         };
         tensors.insert(NaturalKey(name), stored);
     }
@@ -318,30 +433,6 @@ fn nested_state_dict_key(tree: &PickleValue) -> Option<&'static str> {
     NESTING_KEYS
         .into_iter()
         .find(|k| matches!(root.get(*k), Some(PickleValue::Dict(_))))
-}
-
-/// Python globals a weights file may reference (cf. torch's `weights_only` unpickler).
-/// Everything else, `os.system` or `builtins.eval` say, marks a file we refuse to load.
-fn global_is_allowed(name: &str) -> bool {
-    name.starts_with("torch.")
-        || name.starts_with("numpy.")
-        || matches!(
-            name,
-            "collections.OrderedDict"
-                | "builtins.set"
-                | "builtins.frozenset"
-                | "builtins.bytearray"
-                | "_codecs.encode"
-        )
-}
-
-fn first_disallowed_global(value: &PickleValue) -> Option<String> {
-    match value {
-        PickleValue::Unsupported(name) if !global_is_allowed(name) => Some(name.clone()),
-        PickleValue::List(items) => items.iter().find_map(first_disallowed_global),
-        PickleValue::Dict(map) => map.values().find_map(first_disallowed_global),
-        _ => None,
-    }
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -413,21 +504,4 @@ mod tests {
         assert_eq!(to_f32(DType::I64, &7i64.to_le_bytes()), vec![7.0]);
     }
 
-    #[test]
-    fn allowlist_refuses_code_execution_globals() {
-        let tree = PickleValue::Dict(
-            [(
-                "x".to_string(),
-                PickleValue::List(vec![PickleValue::Unsupported("posix.system".into())]),
-            )]
-            .into_iter()
-            .collect(),
-        );
-        assert_eq!(
-            first_disallowed_global(&tree).as_deref(),
-            Some("posix.system")
-        );
-        assert!(global_is_allowed("torch.float32"));
-        assert!(!global_is_allowed("builtins.eval"));
-    }
 }

@@ -374,7 +374,7 @@ fn compare_command(args: CompareArgs) -> anyhow::Result<()> {
     let arch = match (options.arch, &options.weights) {
         (Some(a), _) => a,
         (None, Some(w)) => {
-            detect(&checkpoint::read(w, options.key.as_deref())?)
+            detect(&checkpoint::read_layout(w, options.key.as_deref())?)
                 .context("cannot tell the architecture from --weights; pass --arch")?
                 .arch
         }
@@ -502,7 +502,7 @@ struct InspectOutput<'a> {
 }
 
 fn inspect(file: &Path, key: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let sd = checkpoint::read(file, key)?;
+    let sd = checkpoint::read_layout(file, key)?;
     let detected = detect(&sd);
     let out = InspectOutput {
         format: sd.format,

@@ -23,6 +23,7 @@ pub mod load;
 pub mod models;
 pub mod modules;
 pub mod output;
+pub mod pickle_scan;
 pub mod preprocess;
 pub mod ranges;
 pub mod report;
