@@ -157,7 +157,11 @@ pub fn read_layout(path: &Path, key: Option<&str>) -> Result<StateDict, Checkpoi
     read_with(path, key, false)
 }
 
-fn read_with(path: &Path, key: Option<&str>, with_data: bool) -> Result<StateDict, CheckpointError> {
+fn read_with(
+    path: &Path,
+    key: Option<&str>,
+    with_data: bool,
+) -> Result<StateDict, CheckpointError> {
     let mut head = [0u8; 512];
     let n = File::open(path)
         .and_then(|mut f| read_up_to(&mut f, &mut head))
@@ -292,14 +296,20 @@ fn check_pickles(path: &Path, format: Format) -> Result<(), CheckpointError> {
         })
         .collect();
     if pickles.is_empty() {
-        return Err(CheckpointError::new(path, "the zip archive has no data.pkl"));
+        return Err(CheckpointError::new(
+            path,
+            "the zip archive has no data.pkl",
+        ));
     }
     for index in pickles {
         // Raw: torch writes pickles uncompressed and may leave their CRC out
         // (`set_crc32_options(False)`); pytorch-reader checks it where there is one.
         let entry = archive.by_index_raw(index).map_err(|e| io(&e))?;
         if entry.compression() != zip::CompressionMethod::Stored {
-            return Err(CheckpointError::new(path, "a compressed data.pkl (torch never writes one)"));
+            return Err(CheckpointError::new(
+                path,
+                "a compressed data.pkl (torch never writes one)",
+            ));
         }
         let name = entry.name().to_string();
         if entry.size() > pickle_scan::MAX_PICKLE_BYTES {
@@ -334,7 +344,13 @@ impl Budget {
         })
     }
 
-    fn take(&mut self, path: &Path, name: &str, shape: &[usize], dtype: DType) -> Result<(), CheckpointError> {
+    fn take(
+        &mut self,
+        path: &Path,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<(), CheckpointError> {
         let bytes = shape
             .iter()
             .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
@@ -503,5 +519,4 @@ mod tests {
         assert_eq!(to_f32(DType::BF16, &b), vec![-2.0]);
         assert_eq!(to_f32(DType::I64, &7i64.to_le_bytes()), vec![7.0]);
     }
-
 }

@@ -229,14 +229,14 @@ impl WeightsArgs {
             .context("--weights FILE is required for this command")?;
         let loaded = load_pretrained(path, &self.options(arch, num_classes), device)?;
         eprintln!("{}", loaded.report);
-        if !self.allow_non_finite {
-            loaded.report.refuse_non_finite()?;
-        }
         if let Some(out) = &self.load_report {
             write_atomic(
                 out,
                 serde_json::to_string_pretty(&loaded.report)?.as_bytes(),
             )?;
+        }
+        if !self.allow_non_finite {
+            loaded.report.refuse_non_finite()?;
         }
         Ok(loaded)
     }

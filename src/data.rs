@@ -119,16 +119,19 @@ impl Found {
     /// (a loop) is reported and not followed, and only regular files are taken.
     pub fn walk(dir: &Path) -> anyhow::Result<Found> {
         let mut found = Found::default();
-        let mut visited = HashSet::new();
-        found.walk_into(dir, &mut visited)?;
+        found.enter(dir, &mut HashSet::new())?;
         found.files.sort();
         Ok(found)
     }
 
-    fn walk_into(&mut self, dir: &Path, visited: &mut HashSet<PathBuf>) -> anyhow::Result<()> {
-        let real = dir
-            .canonicalize()
-            .with_context(|| format!("{}: cannot open", dir.display()))?;
+    /// The canonical path of `dir`, the identity of a directory however it is reached.
+    fn identity(dir: &Path) -> anyhow::Result<PathBuf> {
+        dir.canonicalize()
+            .with_context(|| format!("{}: cannot open", dir.display()))
+    }
+
+    fn enter(&mut self, dir: &Path, visited: &mut HashSet<PathBuf>) -> anyhow::Result<()> {
+        let real = Self::identity(dir)?;
         if !visited.insert(real.clone()) {
             self.warnings.push(format!(
                 "{}: leads back to {} (a directory loop); not followed",
@@ -137,6 +140,11 @@ impl Found {
             ));
             return Ok(());
         }
+        self.list(dir, visited)
+    }
+
+    /// The images in `dir` and, through [`Self::enter`], below it.
+    fn list(&mut self, dir: &Path, visited: &mut HashSet<PathBuf>) -> anyhow::Result<()> {
         let entries =
             std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?;
         for entry in entries {
@@ -147,7 +155,7 @@ impl Found {
                 continue;
             }
             match std::fs::metadata(&path) {
-                Ok(meta) if meta.is_dir() => self.walk_into(&path, visited)?,
+                Ok(meta) if meta.is_dir() => self.enter(&path, visited)?,
                 Ok(meta) if meta.is_file() && is_image(&path) => self.files.push(path),
                 Ok(_) if is_image(&path) => self
                     .warnings
@@ -165,30 +173,45 @@ impl Found {
 /// Class folders of `dir`, sorted, with their image files relative to `root`.
 type ClassFiles = BTreeMap<String, Vec<PathBuf>>;
 
+/// The class folders of `dir` and their images (relative to `root`), each directory
+/// visited once over all classes: the data folder and the class folders are known before
+/// the walk, so a link from one class into another or back up is a loop, not more images.
 fn scan_classes(root: &Path, dir: &Path, warnings: &mut Vec<String>) -> anyhow::Result<ClassFiles> {
-    let mut classes = BTreeMap::new();
+    let mut class_dirs = Vec::new();
     let entries = std::fs::read_dir(dir)
         .with_context(|| format!("{}: cannot read the data folder", dir.display()))?;
     for entry in entries {
         let entry = entry.with_context(|| format!("{}: cannot list", dir.display()))?;
         let path = entry.path();
-        if is_hidden(&path) || !path.is_dir() {
-            continue;
+        if !is_hidden(&path) && path.is_dir() {
+            class_dirs.push((entry.file_name().to_string_lossy().to_string(), path));
         }
-        let found = Found::walk(&path)?;
-        warnings.extend(found.warnings);
-        let rel = found
-            .files
-            .into_iter()
-            .map(|f| f.strip_prefix(root).map(Path::to_path_buf).unwrap_or(f))
-            .collect();
-        classes.insert(entry.file_name().to_string_lossy().to_string(), rel);
     }
-    if classes.is_empty() {
+    if class_dirs.is_empty() {
         bail!(
             "{}: no class folders (expected one sub-folder of images per class)",
             dir.display()
         );
+    }
+    let mut visited = HashSet::new();
+    for known in [root, dir]
+        .into_iter()
+        .chain(class_dirs.iter().map(|(_, p)| p.as_path()))
+    {
+        visited.insert(Found::identity(known)?);
+    }
+    let mut classes = BTreeMap::new();
+    for (name, path) in class_dirs {
+        let mut found = Found::default();
+        found.list(&path, &mut visited)?;
+        warnings.extend(found.warnings);
+        let mut rel: Vec<PathBuf> = found
+            .files
+            .into_iter()
+            .map(|f| f.strip_prefix(root).map(Path::to_path_buf).unwrap_or(f))
+            .collect();
+        rel.sort();
+        classes.insert(name, rel);
     }
     Ok(classes)
 }
@@ -626,6 +649,34 @@ mod tests {
             let out = random_resized_crop(&img, 32, 0.08, &mut rng);
             assert_eq!((out.width(), out.height()), (32, 32));
         }
+    }
+
+    #[test]
+    fn a_failing_loader_ends_the_batches_with_its_error() {
+        let set = Arc::new(ImageSet {
+            images: vec![Arc::new(RgbImage::new(40, 40))],
+            labels: vec![0],
+            paths: vec![PathBuf::from("a.png")],
+            skipped: Vec::new(),
+            changed: Vec::new(),
+            warnings: Vec::new(),
+        });
+        let pre = Preprocess {
+            input_size: 32,
+            resize_size: 36,
+            interpolation: Interpolation::Bilinear,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        // Index 7 is past the set: the loader thread panics on the second batch.
+        let mut batches = batches(set, pre, vec![0, 7], 1, Transform::Eval);
+        assert!(batches.next().unwrap().is_ok());
+        let Some(Err(err)) = batches.next() else {
+            panic!("the second batch should be the loader's error");
+        };
+        let err = err.to_string();
+        assert!(err.contains("the batch loader failed"), "{err}");
+        assert!(batches.next().is_none());
     }
 
     #[test]

@@ -33,14 +33,22 @@ pub fn load_run(run: &Path, device: &Device) -> anyhow::Result<(Model, RunConfig
     }
     let sd = checkpoint::read(&weights, None)?;
     let mut model = config.model.build(device);
-    apply_state_dict(&mut model, &config.model, &sd, false)
-        .with_context(|| {
-            format!(
-                "{}: does not fit the network of config.json",
-                weights.display()
-            )
-        })?
-        .refuse_non_finite()?;
+    let report = apply_state_dict(&mut model, &config.model, &sd, false).with_context(|| {
+        format!(
+            "{}: does not fit the network of config.json",
+            weights.display()
+        )
+    })?;
+    if let Some(head) = report.head_reinitialized.first() {
+        bail!(
+            "{}: its head {} has shape {:?}, but config.json's network needs {:?}",
+            weights.display(),
+            head.name,
+            head.old_shape,
+            head.new_shape
+        );
+    }
+    report.refuse_non_finite()?;
     Ok((model, config))
 }
 

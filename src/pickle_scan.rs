@@ -55,18 +55,72 @@ const ALLOWED: [&str; 31] = [
 /// `torch.<dtype>` by its canonical name (`str(torch.float32)`; aliases such as
 /// `torch.float` are not allowed by torch either).
 const DTYPES: [&str; 45] = [
-    "float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool",
-    "bfloat16", "complex128", "complex64", "qint8", "qint32", "quint8", "quint4x2", "quint2x4",
-    "float8_e5m2", "float8_e4m3fn", "float8_e5m2fnuz", "float8_e4m3fnuz", "float8_e8m0fnu",
-    "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2", "complex32", "uint16", "uint32",
-    "uint64", "uint1", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7", "int1", "int2",
-    "int3", "int4", "int5", "int6", "int7",
+    "float64",
+    "float32",
+    "float16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+    "bfloat16",
+    "complex128",
+    "complex64",
+    "qint8",
+    "qint32",
+    "quint8",
+    "quint4x2",
+    "quint2x4",
+    "float8_e5m2",
+    "float8_e4m3fn",
+    "float8_e5m2fnuz",
+    "float8_e4m3fnuz",
+    "float8_e8m0fnu",
+    "bits8",
+    "bits16",
+    "bits1x8",
+    "bits2x4",
+    "bits4x2",
+    "complex32",
+    "uint16",
+    "uint32",
+    "uint64",
+    "uint1",
+    "uint2",
+    "uint3",
+    "uint4",
+    "uint5",
+    "uint6",
+    "uint7",
+    "int1",
+    "int2",
+    "int3",
+    "int4",
+    "int5",
+    "int6",
+    "int7",
 ];
 
 /// `torch.<X>Storage` for all of these, `torch.cuda.<X>Storage` for the first twelve.
 const STORAGES: [&str; 17] = [
-    "Double", "Float", "Long", "Int", "Short", "Char", "Byte", "Half", "Bool", "BFloat16",
-    "ComplexDouble", "ComplexFloat", "QUInt8", "QInt8", "QInt32", "QUInt4x2", "QUInt2x4",
+    "Double",
+    "Float",
+    "Long",
+    "Int",
+    "Short",
+    "Char",
+    "Byte",
+    "Half",
+    "Bool",
+    "BFloat16",
+    "ComplexDouble",
+    "ComplexFloat",
+    "QUInt8",
+    "QInt8",
+    "QInt32",
+    "QUInt4x2",
+    "QUInt2x4",
 ];
 
 /// `torch[.cuda].<X>Tensor` for all, `torch[.cuda].sparse.<X>Tensor` for all but `Bool`.
@@ -116,7 +170,7 @@ pub enum PickleError {
 }
 
 /// Pickles larger than this are refused (pytorch-reader's own limit).
-pub const MAX_PICKLE_BYTES: u64 = pytorch_reader::MAX_PICKLE_SIZE as u64;
+pub const MAX_PICKLE_BYTES: u64 = pytorch_reader::MAX_PICKLE_SIZE;
 
 /// Check one pickle, read from `bytes` up to its STOP opcode; returns the bytes it took.
 pub fn scan(bytes: &[u8]) -> Result<usize, PickleError> {
@@ -219,7 +273,11 @@ impl<'a> Walker<'a> {
     }
 
     fn check_global(&self, module: &str, name: &str) -> Result<(), PickleError> {
-        let module = if module == "__builtin__" { "builtins" } else { module };
+        let module = if module == "__builtin__" {
+            "builtins"
+        } else {
+            module
+        };
         let global = format!("{module}.{name}");
         if is_allowed(&global) {
             return Ok(());
@@ -241,8 +299,26 @@ impl<'a> Walker<'a> {
             match op {
                 b'.' => return Ok(self.pos),
                 // No operand.
-                b'(' | b'0' | b'1' | b'2' | b'N' | b'R' | b'b' | b'd' | b'l' | b't' | b's'
-                | b'a' | b']' | b'}' | b'e' | b'u' | b'Q' | b')' | 0x81 | 0x85..=0x89
+                b'('
+                | b'0'
+                | b'1'
+                | b'2'
+                | b'N'
+                | b'R'
+                | b'b'
+                | b'd'
+                | b'l'
+                | b't'
+                | b's'
+                | b'a'
+                | b']'
+                | b'}'
+                | b'e'
+                | b'u'
+                | b'Q'
+                | b')'
+                | 0x81
+                | 0x85..=0x89
                 | 0x8f..=0x92 => self.push(None),
                 // PROTO and FRAME change nothing on the stack.
                 0x80 => {
@@ -348,9 +424,9 @@ impl<'a> Walker<'a> {
                     self.recent = [None, None];
                 }
                 _ => {
-                    return Err(self.fail(&format!(
-                        "opcode 0x{op:02x} is not one a weights file uses"
-                    )));
+                    return Err(
+                        self.fail(&format!("opcode 0x{op:02x} is not one a weights file uses"))
+                    );
                 }
             }
         }
@@ -444,8 +520,14 @@ mod tests {
 
     #[test]
     fn truncation_and_bad_opcodes_are_malformed() {
-        assert!(matches!(scan(&[0x80, 2, b'X', 255, 255, 255, 255]), Err(PickleError::Malformed(..))));
-        assert!(matches!(scan(&[0x80, 2, b'i']), Err(PickleError::Malformed(..))));
+        assert!(matches!(
+            scan(&[0x80, 2, b'X', 255, 255, 255, 255]),
+            Err(PickleError::Malformed(..))
+        ));
+        assert!(matches!(
+            scan(&[0x80, 2, b'i']),
+            Err(PickleError::Malformed(..))
+        ));
         assert!(matches!(scan(&[0x80, 2]), Err(PickleError::Malformed(..))));
     }
 

@@ -1397,3 +1397,23 @@ pub fn peak_memory_mib() -> f64 {
         })
         .map_or(0.0, |kib| kib / 1024.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tie_is_not_a_correct_prediction() {
+        // Constant logits: only the first class is "predicted", as in the confusion matrix.
+        let row = [0.5f32; 4];
+        assert_eq!(argmax(&row), 0);
+        assert_eq!(rank(&row, 0), 0);
+        assert_eq!(rank(&row, 3), 3);
+        let (_, top1, top5) = score(&row.repeat(4), &[0, 1, 2, 3], 4);
+        assert_eq!((top1, top5), (1, 4));
+        // Otherwise the rank counts the larger logits, and NaN ranks last.
+        assert_eq!(rank(&[0.1, 0.9, 0.3], 2), 1);
+        assert_eq!(rank(&[0.1, f32::NAN, 0.3], 2), 3);
+        assert_eq!(argmax(&[0.1, 0.9, 0.9]), 1);
+    }
+}

@@ -185,3 +185,160 @@ fn pickle_with_a_forbidden_global_is_refused() {
     assert!(stderr.contains("evil.pth"), "{stderr}");
     assert!(stderr.contains("system"), "names the global: {stderr}");
 }
+
+/// Pickle opcodes (protocol 2) for crafting checkpoints by hand.
+mod pickle {
+    pub fn text(s: &str) -> Vec<u8> {
+        let mut v = vec![b'X'];
+        v.extend((s.len() as u32).to_le_bytes());
+        v.extend(s.as_bytes());
+        v
+    }
+
+    pub fn global(module: &str, name: &str) -> Vec<u8> {
+        format!("c{module}\n{name}\n").into_bytes()
+    }
+
+    pub fn int(n: u32) -> Vec<u8> {
+        let mut v = vec![b'J'];
+        v.extend(n.to_le_bytes());
+        v
+    }
+
+    /// `{"w": _rebuild_tensor_v2(storage "0" of `numel` floats, 0, shape, stride, False, hooks)}`
+    /// with `hooks` the opcodes of the last argument.
+    pub fn state_dict(numel: u32, shape: &[u32], stride: &[u32], hooks: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x80, 2, b'}', b'('];
+        p.extend(text("w"));
+        p.extend(global("torch._utils", "_rebuild_tensor_v2"));
+        p.extend([b'(', b'(']);
+        p.extend(text("storage"));
+        p.extend(global("torch", "FloatStorage"));
+        p.extend(text("0"));
+        p.extend(text("cpu"));
+        p.extend(int(numel));
+        p.extend([b't', b'Q']);
+        p.extend(int(0));
+        for dims in [shape, stride] {
+            p.push(b'(');
+            for &d in dims {
+                p.extend(int(d));
+            }
+            p.push(b't');
+        }
+        p.push(0x89);
+        p.extend(hooks);
+        p.extend([b't', b'R', b'u', b'.']);
+        p
+    }
+
+    pub fn ordered_dict() -> Vec<u8> {
+        let mut v = global("collections", "OrderedDict");
+        v.extend([b')', b'R']);
+        v
+    }
+}
+
+/// A zip `.pth` holding `data.pkl` and the storages.
+fn write_pth(path: &std::path::Path, data_pkl: &[u8], storages: &[(&str, Vec<u8>)]) {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", stored).unwrap();
+    zip.write_all(data_pkl).unwrap();
+    for (key, bytes) in storages {
+        zip.start_file(format!("archive/data/{key}"), stored)
+            .unwrap();
+        zip.write_all(bytes).unwrap();
+    }
+    zip.start_file("archive/version", stored).unwrap();
+    zip.write_all(b"3\n").unwrap();
+    zip.finish().unwrap();
+}
+
+#[test]
+fn a_crafted_checkpoint_of_the_right_form_loads() {
+    // The control for the hostile variants below: the same construction, well formed.
+    let dir = tempdir();
+    let path = dir.path().join("ok.pth");
+    let values: Vec<u8> = [1.5f32, -2.0, 3.25, 4.0, 5.0, 6.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    write_pth(
+        &path,
+        &pickle::state_dict(6, &[2, 3], &[3, 1], &pickle::ordered_dict()),
+        &[("0", values)],
+    );
+    let sd = checkpoint::read(&path, None).unwrap();
+    let w = sd.get("w").unwrap();
+    assert_eq!(
+        (w.shape.clone(), w.data.clone()),
+        (vec![2, 3], vec![1.5, -2.0, 3.25, 4.0, 5.0, 6.0])
+    );
+}
+
+#[test]
+fn a_global_hidden_in_the_hooks_argument_is_refused() {
+    let dir = tempdir();
+    let path = dir.path().join("hooks.pth");
+    let mut hooks = pickle::global("posix", "system");
+    hooks.extend(pickle::text("echo owned"));
+    hooks.extend([0x85, b'R']); // TUPLE1, REDUCE: posix.system("echo owned") as the hooks
+    write_pth(
+        &path,
+        &pickle::state_dict(1, &[1], &[1], &hooks),
+        &[("0", vec![0; 4])],
+    );
+    let stderr = retrain_err(["inspect".as_ref(), path.as_os_str()]);
+    assert!(stderr.contains("'posix.system'"), "{stderr}");
+    assert!(stderr.contains("weights_only"), "{stderr}");
+
+    // A torch global that weights_only does not allow either.
+    let mut hooks = pickle::global("torch", "load");
+    hooks.extend([b')', b'R']);
+    write_pth(
+        &path,
+        &pickle::state_dict(1, &[1], &[1], &hooks),
+        &[("0", vec![0; 4])],
+    );
+    let stderr = retrain_err(["inspect".as_ref(), path.as_os_str()]);
+    assert!(stderr.contains("'torch.load'"), "{stderr}");
+}
+
+#[test]
+fn a_whole_pickled_module_is_refused_with_the_state_dict_hint() {
+    let dir = tempdir();
+    let path = dir.path().join("model.pth");
+    let mut p = vec![0x80, 2];
+    p.extend(pickle::global("torchvision.models.resnet", "ResNet"));
+    p.extend([b')', 0x81, b'.']); // NEWOBJ of ResNet
+    write_pth(&path, &p, &[]);
+    let stderr = retrain_err(["inspect".as_ref(), path.as_os_str()]);
+    assert!(stderr.contains("model.state_dict()"), "{stderr}");
+}
+
+#[test]
+fn a_view_repeating_a_tiny_storage_is_refused_before_any_allocation() {
+    // Four bytes of storage viewed with stride 0 as [100000, 10000]: 4 GB if materialised.
+    let dir = tempdir();
+    let path = dir.path().join("stride0.pth");
+    let p = pickle::state_dict(1, &[100000, 10000], &[0, 0], &pickle::ordered_dict());
+    write_pth(&path, &p, &[("0", vec![0; 4])]);
+    for command in ["inspect", "forward"] {
+        let mut args = vec![command.to_string()];
+        if command == "forward" {
+            args.extend(["--arch", "resnet18", "--weights"].map(String::from));
+        }
+        args.push(path.display().to_string());
+        if command == "forward" {
+            args.extend(["--input", "x", "--output", "y"].map(String::from));
+        }
+        let stderr = retrain_err(&args);
+        assert!(
+            stderr.contains("tensor 'w' of shape [100000, 10000]"),
+            "{stderr}"
+        );
+    }
+}
