@@ -20,7 +20,7 @@ use crate::output::{read_json, write_atomic, write_json, write_safetensors};
 use crate::ranges;
 use crate::report::plot_confusion;
 use crate::synth;
-use crate::train::{RunConfig, TrainOptions, holds_run, remove_run, resume, train};
+use crate::train::{Existing, RunConfig, TrainOptions, resume, train};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -469,13 +469,12 @@ fn train_command(args: TrainArgs, matches: &clap::ArgMatches) -> anyhow::Result<
     let out = args.out.expect("clap requires --out without --resume");
     let mut options = args.options;
     options.epochs = args.epochs.unwrap_or(10);
-    if args.overwrite && holds_run(&out) {
-        // Check everything that can be checked without the data before removing anything.
-        options.validate()?;
-        remove_run(&out)?;
-        eprintln!("removed the run that was in {}", out.display());
-    }
-    train(&options, &out)?;
+    let existing = if args.overwrite {
+        Existing::Replace
+    } else {
+        Existing::Refuse
+    };
+    train(&options, &out, existing)?;
     Ok(())
 }
 

@@ -11,8 +11,7 @@ use crate::models::Arch;
 use crate::output::{read_json, write_atomic, write_json};
 use crate::report::{Curves, plot_curves, regime_color};
 use crate::train::{
-    EpochMetrics, RunConfig, RunSummary, TrainOptions, holds_run, remove_run, resume,
-    train_on_split,
+    EpochMetrics, Existing, RunConfig, RunSummary, TrainOptions, holds_run, resume, train_on_split,
 };
 
 /// One regime of a comparison.
@@ -190,10 +189,7 @@ pub fn compare(
                 dir.display(),
                 first_ten(&changes)
             ),
-            reuse => {
-                if !matches!(reuse, Reuse::Fresh) {
-                    remove_run(&dir)?;
-                }
+            Reuse::Fresh | Reuse::Unfinished | Reuse::Stale(_) => {
                 println!(
                     "== {} (freeze {}{})",
                     regime.name,
@@ -201,7 +197,8 @@ pub fn compare(
                     if regime.scratch { ", from scratch" } else { "" }
                 );
                 reset_peak_memory();
-                train_on_split(&options, &dir, split.clone())?
+                // What is in the folder goes once the new run is checked.
+                train_on_split(&options, &dir, split.clone(), Existing::Replace)?
             }
         };
         let config: RunConfig = read_json(&dir.join("config.json"))?;

@@ -11,7 +11,7 @@ use crate::export::export;
 use crate::models::Arch;
 use crate::output::read_json;
 use crate::synth::{Kind, write_dataset};
-use crate::train::{TrainOptions, holds_run, resume, train};
+use crate::train::{Existing, TrainOptions, holds_run, resume, train};
 
 /// Options of a default training run, as the CLI would give them.
 fn options(data: &Path, epochs: usize) -> TrainOptions {
@@ -65,7 +65,7 @@ pub fn demo(out: &Path) -> anyhow::Result<()> {
             if holds_run(&run) {
                 resume(&run, None)?;
             } else {
-                train(&pre, &run)?;
+                train(&pre, &run, Existing::Refuse)?;
             }
         }
         let (model, _) = load_run(&run, &crate::cli::device())?;

@@ -390,14 +390,23 @@ impl TrainOptions {
     }
 }
 
-/// Start a new run in `out` (which must not hold one) on a split of `options.data`.
-pub fn train(options: &TrainOptions, out: &Path) -> anyhow::Result<RunSummary> {
+/// What starting a run does with a run already in its folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Refuse with [`RunExists`].
+    Refuse,
+    /// Remove its files, once everything about the new run has been checked.
+    Replace,
+}
+
+/// Start a new run in `out` on a split of `options.data`.
+pub fn train(options: &TrainOptions, out: &Path, existing: Existing) -> anyhow::Result<RunSummary> {
     options.validate()?;
-    if holds_run(out) {
+    if existing == Existing::Refuse && holds_run(out) {
         bail!(RunExists(out.display().to_string()));
     }
     let split = Split::make(options.data_dir()?, options.val_fraction, options.seed)?;
-    train_on_split(options, out, split)
+    train_on_split(options, out, split, existing)
 }
 
 /// [`train`] on a given split (a comparison gives every regime the same one). Everything
@@ -406,10 +415,11 @@ pub fn train_on_split(
     options: &TrainOptions,
     out: &Path,
     split: Split,
+    existing: Existing,
 ) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
     options.validate()?;
-    if holds_run(out) {
+    if existing == Existing::Refuse && holds_run(out) {
         bail!(RunExists(out.display().to_string()));
     }
     for warning in &split.warnings {
@@ -432,6 +442,10 @@ pub fn train_on_split(
         .as_deref()
         .map(data::sha256_file)
         .transpose()?;
+    if holds_run(out) {
+        remove_run(out)?;
+        eprintln!("removed the run that was in {}", out.display());
+    }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     write_json(&out.join("split.json"), &session.split)?;
     if let Some(report) = &report {

@@ -552,8 +552,7 @@ pub fn dense_backward_weight(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f
     partials
         .par_chunks_mut(len)
         .enumerate()
-        .for_each(|(run, dw)| {
-            let mut cols = Vec::new();
+        .for_each_init(Vec::new, |cols, (run, dw)| {
             for n in run * g.batch / runs..(run + 1) * g.batch / runs {
                 let x = &x[n * image_len..][..image_len];
                 let dy = MatRef::rows(&grad[n * grad_len..][..grad_len], p);
@@ -561,8 +560,8 @@ pub fn dense_backward_weight(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f
                     x
                 } else {
                     cols.resize(k * p, 0.0);
-                    im2col(g, x, &mut cols);
-                    &cols
+                    im2col(g, x, cols);
+                    &cols[..]
                 };
                 let patches = MatRef::transposed(patches, p);
                 matmul_with(dw, k, dy, patches, (g.cout, k, p), true, inner);
@@ -576,7 +575,9 @@ pub fn dense_backward_weight(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f
             }
         }
     });
+    // The gradient lives until the optimizer step: give back the other runs' room.
     partials.truncate(len);
+    partials.shrink_to_fit();
     partials
 }
 
