@@ -281,30 +281,15 @@ fn usage_error(message: String) -> anyhow::Error {
 }
 
 fn bench_batch_size(text: &str) -> Result<usize, String> {
-    ranges::at_least_one(text).and_then(|n| {
-        if n <= 1024 {
-            Ok(n)
-        } else {
-            Err(format!("{n} is above 1024"))
-        }
-    })
+    ranges::count_within(text, 1..=1024)
 }
 
 fn synth_per_class(text: &str) -> Result<usize, String> {
-    ranges::at_least_one(text).and_then(|n| {
-        if n <= 100_000 {
-            Ok(n)
-        } else {
-            Err(format!("{n} is above 100000"))
-        }
-    })
+    ranges::count_within(text, 1..=100_000)
 }
 
 fn synth_size(text: &str) -> Result<u32, String> {
-    match text.trim().parse::<u32>() {
-        Ok(n) if (8..=1024).contains(&n) => Ok(n),
-        _ => Err(format!("'{text}' is not a side of 8 to 1024 pixels")),
-    }
+    ranges::count_within(text, 8..=1024).map(|n| n as u32)
 }
 
 pub fn run(invocation: Invocation) -> anyhow::Result<()> {

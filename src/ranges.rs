@@ -2,11 +2,12 @@
 //! bad value on the command line exits 2 naming its flag before anything runs, and by
 //! [`crate::train::TrainOptions::validate`] for options a library caller builds by hand.
 
+use std::ops::RangeInclusive;
 use std::str::FromStr;
 
 /// Input sides from 16 pixels (below that the networks' strided stages run out of pixels)
 /// to 2048 (a batch of those already needs gigabytes).
-pub const IMAGE_SIZES: std::ops::RangeInclusive<usize> = 16..=2048;
+pub const IMAGE_SIZES: RangeInclusive<usize> = 16..=2048;
 
 /// Width multipliers up to 4 (a ResNet-50 at width 4 has 16 times the parameters).
 pub const MAX_WIDTH: f64 = 4.0;
@@ -64,16 +65,30 @@ pub fn check_at_least_one(n: usize) -> Result<usize, String> {
     }
 }
 
-pub fn check_image_size(n: usize) -> Result<usize, String> {
-    if IMAGE_SIZES.contains(&n) {
+/// A count within `range`.
+pub fn check_within(n: usize, range: RangeInclusive<usize>) -> Result<usize, String> {
+    if range.contains(&n) {
         Ok(n)
     } else {
         Err(format!(
-            "{n} is outside {}..={} pixels",
-            IMAGE_SIZES.start(),
-            IMAGE_SIZES.end()
+            "{n} is outside {}..={}",
+            range.start(),
+            range.end()
         ))
     }
+}
+
+/// [`check_within`] on text, for a clap value parser of a count.
+pub fn count_within(text: &str, range: RangeInclusive<usize>) -> Result<usize, String> {
+    let n = text
+        .trim()
+        .parse::<usize>()
+        .map_err(|_| format!("'{text}' is not a whole number"))?;
+    check_within(n, range)
+}
+
+pub fn check_image_size(n: usize) -> Result<usize, String> {
+    check_within(n, IMAGE_SIZES)
 }
 
 pub fn check_width(x: f64) -> Result<f64, String> {
@@ -81,15 +96,6 @@ pub fn check_width(x: f64) -> Result<f64, String> {
         Ok(x)
     } else {
         Err(format!("{x} must be above 0 and at most {MAX_WIDTH}"))
-    }
-}
-
-/// Classes of a new head: at least 1 and at most a million.
-pub fn check_num_classes(n: usize) -> Result<usize, String> {
-    if (1..=1_000_000).contains(&n) {
-        Ok(n)
-    } else {
-        Err(format!("{n} is outside 1..=1000000"))
     }
 }
 
@@ -126,34 +132,23 @@ pub fn width(text: &str) -> Result<f64, String> {
     parse(text, check_width)
 }
 
+/// Classes of a new head: 1 to a million.
 pub fn num_classes(text: &str) -> Result<usize, String> {
-    parse(text, check_num_classes)
+    count_within(text, 1..=1_000_000)
 }
 
-/// Batches of at most 4096 images (the loader holds two ahead).
+/// Batches of 1 to 4096 images (the loader holds two ahead).
+pub const BATCH_SIZES: RangeInclusive<usize> = 1..=4096;
+
 pub fn batch_size(text: &str) -> Result<usize, String> {
-    parse(text, check_batch_size)
+    count_within(text, BATCH_SIZES)
 }
 
-pub fn check_batch_size(n: usize) -> Result<usize, String> {
-    if (1..=4096).contains(&n) {
-        Ok(n)
-    } else {
-        Err(format!("{n} is outside 1..=4096"))
-    }
-}
+/// Augmented views per image in the feature cache.
+pub const CACHE_VIEWS: RangeInclusive<usize> = 1..=64;
 
-/// Augmented views per image in the feature cache: 1 to 64.
 pub fn cache_views(text: &str) -> Result<usize, String> {
-    parse(text, check_cache_views)
-}
-
-pub fn check_cache_views(n: usize) -> Result<usize, String> {
-    if (1..=64).contains(&n) {
-        Ok(n)
-    } else {
-        Err(format!("{n} is outside 1..=64"))
-    }
+    count_within(text, CACHE_VIEWS)
 }
 
 #[cfg(test)]

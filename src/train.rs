@@ -343,7 +343,7 @@ impl TrainOptions {
         let checks: [(&str, Result<f64, String>); 15] = [
             (
                 "batch-size",
-                check_batch_size(self.batch_size).map(|n| n as f64),
+                check_within(self.batch_size, BATCH_SIZES).map(|n| n as f64),
             ),
             ("epochs", check_at_least_one(self.epochs).map(|n| n as f64)),
             ("lr", optional(self.lr, check_positive)),
@@ -363,7 +363,7 @@ impl TrainOptions {
             ("val-fraction", check_fraction(self.val_fraction)),
             (
                 "cache-views",
-                check_cache_views(self.cache_views).map(|n| n as f64),
+                check_within(self.cache_views, CACHE_VIEWS).map(|n| n as f64),
             ),
             ("width", optional(self.width, check_width)),
             (

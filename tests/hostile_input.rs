@@ -137,6 +137,30 @@ fn a_long_thin_image_and_a_truncated_jpeg_are_classified() {
     assert!(!err.contains("thin.png"), "{err}");
 }
 
+/// One epoch of the ResNet-18 fixture on `data`, every image in training.
+fn one_epoch(data: &Path, run: &Path) -> Vec<String> {
+    let weights = fixture("resnet18_w16.pth");
+    [
+        "train",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--val-fraction",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 #[test]
 fn train_skips_bad_files_follows_no_loop_and_never_hangs() {
     let dir = tempdir();
@@ -154,24 +178,8 @@ fn train_skips_bad_files_follows_no_loop_and_never_hangs() {
     // A symbolic link from a class folder back to the data folder: a loop.
     std::os::unix::fs::symlink(&data, red.join("loop")).unwrap();
     let run = dir.path().join("run");
-    let weights = fixture("resnet18_w16.pth");
-    let args = [
-        "train",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--image-size",
-        "32",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--val-fraction",
-        "0",
-    ];
+    let args = one_epoch(&data, &run);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = retrain_within(&args, Duration::from_secs(120));
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
@@ -205,24 +213,7 @@ fn non_utf8_file_names_work() {
     let odd = class.join(std::ffi::OsStr::from_bytes(b"caf\xe9.png"));
     std::fs::rename(&first, &odd).unwrap();
     let run = dir.path().join("run");
-    let weights = fixture("resnet18_w16.pth");
-    retrain_ok([
-        "train",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--image-size",
-        "32",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--val-fraction",
-        "0",
-    ]);
+    retrain_ok(one_epoch(&data, &run));
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["train_images"], 18);
