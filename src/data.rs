@@ -661,13 +661,7 @@ mod tests {
             changed: Vec::new(),
             warnings: Vec::new(),
         });
-        let pre = Preprocess {
-            input_size: 32,
-            resize_size: 36,
-            interpolation: Interpolation::Bilinear,
-            mean: [0.0; 3],
-            std: [1.0; 3],
-        };
+        let pre = Preprocess::plain(32, 36);
         // Index 7 is past the set: the loader thread panics on the second batch.
         let mut batches = batches(set, pre, vec![0, 7], 1, Transform::Eval);
         assert!(batches.next().unwrap().is_ok());

@@ -158,6 +158,18 @@ impl Preprocess {
         to_chw(&cropped, self.mean, self.std)
     }
 
+    /// Bilinear, no normalisation: the transform's geometry alone, for tests.
+    #[cfg(test)]
+    pub fn plain(input_size: usize, resize_size: usize) -> Self {
+        Self {
+            input_size,
+            resize_size,
+            interpolation: Interpolation::Bilinear,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        }
+    }
+
     /// Decode and transform one file; the warning of a damaged file that still decoded.
     pub fn load(&self, path: &Path) -> anyhow::Result<(Vec<f32>, Option<String>)> {
         let decoded = decode(path)?;
@@ -174,13 +186,7 @@ mod tests {
         let img = RgbImage::from_fn(300, 200, |x, _| image::Rgb([(x % 256) as u8, 0, 0]));
         assert_eq!(shorter_side_size(&img, 100), (150, 100));
         assert_eq!(center_crop_offsets((300, 200), 100), (100, 50));
-        let pre = Preprocess {
-            input_size: 100,
-            resize_size: 200,
-            interpolation: Interpolation::Bilinear,
-            mean: [0.0; 3],
-            std: [1.0; 3],
-        };
+        let pre = Preprocess::plain(100, 200);
         let v = pre.eval(&img);
         assert_eq!(v.len(), 3 * 100 * 100);
         assert_eq!(v[0], 100.0 / 255.0);
@@ -189,13 +195,7 @@ mod tests {
     #[test]
     fn a_long_thin_image_resizes_only_its_window() {
         let img = RgbImage::from_fn(1, 60000, |_, y| image::Rgb([(y % 256) as u8, 0, 0]));
-        let pre = Preprocess {
-            input_size: 224,
-            resize_size: 256,
-            interpolation: Interpolation::Bilinear,
-            mean: [0.0; 3],
-            std: [1.0; 3],
-        };
+        let pre = Preprocess::plain(224, 256);
         assert_eq!(pre.eval(&img).len(), 3 * 224 * 224);
     }
 
