@@ -8,12 +8,13 @@ use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig, momentum::Momentu
 use burn::prelude::*;
 use serde::Serialize;
 
-use crate::compare::default_partial;
-use crate::freeze::{self, FrozenBn};
-use crate::models::{Arch, Model, ModelSpec};
-use crate::train::peak_memory_mib;
+use retrain::compare::default_partial;
+use retrain::freeze::{self, FrozenBn};
+use retrain::models::{Arch, Model, ModelSpec, to_vec};
+use retrain::train::peak_memory_mib;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+/// What `retrain bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Workload {
     /// Eval-mode forward.
@@ -24,6 +25,16 @@ pub enum Workload {
     Partial,
     /// Train the head for 10 epochs on 512 images: feature cache, then head-only steps.
     Head,
+}
+
+impl Workload {
+    /// Every workload, for the command line's choices.
+    pub const ALL: [Workload; 4] = [
+        Workload::Inference,
+        Workload::Full,
+        Workload::Partial,
+        Workload::Head,
+    ];
 }
 
 #[derive(Debug, Serialize)]
@@ -39,6 +50,64 @@ pub struct BenchResult {
     /// Seconds for the whole workload (head).
     pub seconds: Option<f64>,
     pub peak_memory_mib: f64,
+}
+
+/// `retrain bench`'s flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[arg(long, value_parser = crate::options::arch(), default_value = "mobilenet_v2")]
+    arch: Arch,
+    #[arg(long, value_parser = crate::options::choice(&Workload::ALL))]
+    workload: Workload,
+    #[arg(long, default_value_t = 16, value_parser = batch_size)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 224, value_parser = retrain::ranges::image_size)]
+    image_size: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10, value_parser = retrain::ranges::at_least_one)]
+    steps: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn batch_size(text: &str) -> Result<usize, String> {
+    retrain::ranges::count_within(text, 1..=1024)
+}
+
+/// Run the benchmark and print its result.
+pub fn command(args: &BenchArgs, device: &Device) -> anyhow::Result<()> {
+    let BenchArgs {
+        arch,
+        workload,
+        steps,
+        ..
+    } = *args;
+    let r = run(
+        device,
+        arch,
+        workload,
+        args.batch_size,
+        args.image_size,
+        args.warmup,
+        steps,
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    match (r.images_per_second, r.seconds) {
+        (Some(ips), _) => println!(
+            "{arch} {workload:?}: {ips:.1} img/s (median of {steps} steps), peak {:.0} MiB",
+            r.peak_memory_mib
+        ),
+        (_, Some(s)) => println!(
+            "{arch} {workload:?}: {s:.1} s, peak {:.0} MiB",
+            r.peak_memory_mib
+        ),
+        _ => {}
+    }
+    Ok(())
 }
 
 /// SGD with PyTorch's momentum 0.9 (no dampening), as tools/bench_torch.py uses.
@@ -82,7 +151,9 @@ fn time_steps(warmup: usize, steps: usize, mut step: impl FnMut()) -> Vec<f64> {
         .collect()
 }
 
-pub fn run(
+/// Measure `workload` on `device`: `warmup` untimed steps, then `steps` timed ones.
+fn run(
+    device: &Device,
     arch: Arch,
     workload: Workload,
     batch: usize,
@@ -92,7 +163,7 @@ pub fn run(
 ) -> anyhow::Result<BenchResult> {
     let classes = 1000;
     let spec = ModelSpec::new(arch, classes);
-    let plain = crate::cli::device();
+    let plain = device.clone();
     let ad = plain.clone().autodiff();
     plain.seed(0);
     let (mut images_per_second, mut seconds) = (None, None);
@@ -101,7 +172,7 @@ pub fn run(
             let model = spec.build(&plain).for_inference();
             let x = random_batch(batch, size, &plain);
             let times = time_steps(warmup, steps, || {
-                let _ = crate::cli::to_vec(model.forward(x.clone()));
+                let _ = to_vec(model.forward(x.clone()));
             });
             images_per_second = Some(batch as f64 / median(times));
         }
@@ -122,7 +193,7 @@ pub fn run(
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 let model: Model = optim.step(0.01, model, grads);
                 // Wait for the step to finish before the clock stops.
-                let _ = crate::cli::to_vec(head_probe(&model));
+                let _ = to_vec(head_probe(&model));
                 slot = Some(model);
             });
             images_per_second = Some(batch as f64 / median(times));
@@ -136,9 +207,7 @@ pub fn run(
             let eval = model.for_inference();
             let mut features = Vec::new();
             for _ in 0..images / batch {
-                features.extend(crate::cli::to_vec(
-                    eval.embed(random_batch(batch, size, &plain)),
-                )?);
+                features.extend(to_vec(eval.embed(random_batch(batch, size, &plain)))?);
             }
             let dim = features.len() / images;
             let mut optim = sgd_momentum();
@@ -152,7 +221,7 @@ pub fn run(
                     model = optim.step(0.01, model, grads);
                 }
             }
-            let _ = crate::cli::to_vec(head_probe(&model));
+            let _ = to_vec(head_probe(&model));
             seconds = Some(t.elapsed().as_secs_f64());
         }
     }

@@ -9,18 +9,22 @@ use clap::{Args, Parser, Subcommand};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::checkpoint;
-use crate::compare::{compare, parse_regimes, summary_markdown};
-use crate::evaluate::{evaluate_run, expand_images, load_run, render as render_eval};
-use crate::export::export;
-use crate::load::{LoadOptions, Loaded, load_pretrained, read_input};
-use crate::models::{Arch, ModelSpec, describe, detect};
-use crate::modules::{group, named_modules, render};
-use crate::output::{read_json, write_atomic, write_json, write_safetensors};
-use crate::ranges;
-use crate::report::plot_confusion;
-use crate::synth;
-use crate::train::{Existing, RunConfig, TrainOptions, resume, train};
+use retrain::checkpoint;
+use retrain::compare::{compare, parse_regimes, summary_markdown};
+use retrain::evaluate::{evaluate_run, expand_images, load_run, render as render_eval};
+use retrain::export::export;
+use retrain::job::{Cancellation, Job};
+use retrain::load::{LoadOptions, Loaded, load_pretrained, read_input};
+use retrain::models::{Arch, ModelSpec, describe, detect, to_vec};
+use retrain::modules::{group, named_modules, render};
+use retrain::output::{read_json, write_atomic, write_json, write_safetensors};
+use retrain::ranges;
+use retrain::report::plot_confusion;
+use retrain::synth;
+use retrain::train::{Existing, RunConfig, resume, train};
+
+use crate::options::{TrainFlags, arch as arch_parser, choice};
+use crate::progress::Terminal;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,7 +50,7 @@ enum Command {
     },
     /// Show the network's modules, like PyTorch's `print(net)` / `named_modules()`.
     Modules {
-        #[arg(long)]
+        #[arg(long, value_parser = arch_parser())]
         arch: Option<Arch>,
         #[arg(long, value_parser = ranges::num_classes)]
         num_classes: Option<usize>,
@@ -60,7 +64,7 @@ enum Command {
     },
     /// Eval-mode forward of an NCHW f32 tensor; writes `logits` and `embedding`.
     Forward {
-        #[arg(long)]
+        #[arg(long, value_parser = arch_parser())]
         arch: Option<Arch>,
         #[command(flatten)]
         weights: WeightsArgs,
@@ -78,7 +82,7 @@ enum Command {
         /// A run folder from `train`: its classes, preprocessing and best weights.
         #[arg(long, conflicts_with = "weights")]
         run: Option<PathBuf>,
-        #[arg(long)]
+        #[arg(long, value_parser = arch_parser())]
         arch: Option<Arch>,
         #[command(flatten)]
         weights: WeightsArgs,
@@ -114,22 +118,7 @@ enum Command {
     },
     /// Measure one workload's speed and peak memory (see tools/bench.py for the comparison
     /// with PyTorch).
-    Bench {
-        #[arg(long, value_enum, default_value_t = Arch::MobileNetV2)]
-        arch: Arch,
-        #[arg(long, value_enum)]
-        workload: crate::bench::Workload,
-        #[arg(long, default_value_t = 16, value_parser = bench_batch_size)]
-        batch_size: usize,
-        #[arg(long, default_value_t = 224, value_parser = ranges::image_size)]
-        image_size: usize,
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        #[arg(long, default_value_t = 10, value_parser = ranges::at_least_one)]
-        steps: usize,
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(crate::bench::BenchArgs),
     /// Transfer learning end to end on built-in data: pretrain, then compare regimes.
     Demo {
         #[arg(long, default_value = "demo-out")]
@@ -137,7 +126,7 @@ enum Command {
     },
     /// Write a procedural image dataset (class folders of PNGs).
     Synth {
-        #[arg(long, value_enum)]
+        #[arg(long, value_parser = choice(&synth::Kind::ALL))]
         kind: synth::Kind,
         #[arg(long)]
         out: PathBuf,
@@ -153,7 +142,7 @@ enum Command {
 #[derive(Args, Debug, Clone)]
 struct TrainArgs {
     #[command(flatten)]
-    options: TrainOptions,
+    flags: TrainFlags,
     /// Run folder for config, split, metrics and checkpoints.
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
@@ -172,7 +161,7 @@ struct TrainArgs {
 #[derive(Args, Debug, Clone)]
 struct CompareArgs {
     #[command(flatten)]
-    options: TrainOptions,
+    flags: TrainFlags,
     /// Folder for the comparison: one run folder per regime, the figure, the summary.
     #[arg(long)]
     out: PathBuf,
@@ -242,12 +231,6 @@ impl WeightsArgs {
     }
 }
 
-/// A tensor's values as f32, row-major.
-pub fn to_vec<const D: usize>(t: Tensor<D>) -> anyhow::Result<Vec<f32>> {
-    t.try_into_vec_as::<f32>()
-        .map_err(|e| anyhow::anyhow!("reading a tensor back: {e:?}"))
-}
-
 /// The compute device: the GPU when built with `--features wgpu` (unless
 /// `RETRAIN_DEVICE=cpu`), else burn-flex on the CPU.
 pub fn device() -> Device {
@@ -280,10 +263,6 @@ fn usage_error(message: String) -> anyhow::Error {
         .into()
 }
 
-fn bench_batch_size(text: &str) -> Result<usize, String> {
-    ranges::count_within(text, 1..=1024)
-}
-
 fn synth_per_class(text: &str) -> Result<usize, String> {
     ranges::count_within(text, 1..=100_000)
 }
@@ -292,8 +271,41 @@ fn synth_size(text: &str) -> Result<u32, String> {
     ranges::count_within(text, 8..=1024).map(|n| n as u32)
 }
 
+/// The observer and cancellation token of this process: progress on the terminal, and
+/// Ctrl-C asking a running job to save and stop.
+struct Session {
+    terminal: Terminal,
+    cancellation: Cancellation,
+    device: Device,
+}
+
+impl Session {
+    fn new() -> Self {
+        let cancellation = Cancellation::new();
+        let on_interrupt = cancellation.clone();
+        // Without a handler (another one is installed) Ctrl-C simply ends the process.
+        let _ = ctrlc::set_handler(move || on_interrupt.cancel());
+        Self {
+            terminal: Terminal::default(),
+            cancellation,
+            device: device(),
+        }
+    }
+
+    fn job(&self) -> Job<'_> {
+        Job {
+            device: &self.device,
+            observer: &self.terminal,
+            cancellation: self.cancellation.clone(),
+        }
+    }
+}
+
+/// Run the parsed command.
 pub fn run(invocation: Invocation) -> anyhow::Result<()> {
     let Invocation { cli, matches } = invocation;
+    let session = Session::new();
+    let job = session.job();
     match cli.command {
         Command::Inspect { file, key, json } => inspect(&file, key.as_deref(), json),
         Command::Modules {
@@ -318,25 +330,17 @@ pub fn run(invocation: Invocation) -> anyhow::Result<()> {
             json,
             images,
         } => predict(run.as_deref(), arch, &weights, top_k, json, &images),
-        Command::Compare(args) => compare_command(*args),
+        Command::Compare(args) => compare_command(*args, &job),
         Command::Eval {
             run,
             data,
             batch_size,
             json,
-        } => eval_command(&run, data.as_deref(), batch_size, json),
+        } => eval_command(&run, data.as_deref(), batch_size, json, job.device),
         Command::Export { run, out } => export_command(&run, &out),
-        Command::Demo { out } => crate::demo::demo(&out),
-        Command::Bench {
-            arch,
-            workload,
-            batch_size,
-            image_size,
-            warmup,
-            steps,
-            json,
-        } => bench_command(arch, workload, batch_size, image_size, warmup, steps, json),
-        Command::Train(args) => train_command(*args, &matches),
+        Command::Demo { out } => crate::demo::demo(&out, &job),
+        Command::Bench(args) => crate::bench::command(&args, job.device),
+        Command::Train(args) => train_command(*args, &matches, &job),
         Command::Synth {
             kind,
             out,
@@ -347,15 +351,15 @@ pub fn run(invocation: Invocation) -> anyhow::Result<()> {
     }
 }
 
-fn compare_command(args: CompareArgs) -> anyhow::Result<()> {
+fn compare_command(args: CompareArgs, job: &Job) -> anyhow::Result<()> {
     let CompareArgs {
-        mut options,
+        flags,
         out,
         regimes,
         epochs,
         retrain,
     } = args;
-    options.epochs = epochs;
+    let options = flags.options(epochs);
     let arch = match (options.arch, &options.weights) {
         (Some(a), _) => a,
         (None, Some(w)) => {
@@ -366,7 +370,7 @@ fn compare_command(args: CompareArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("pass --weights (and optionally --arch)"),
     };
     let regimes = parse_regimes(&regimes, arch)?;
-    let summary = compare(&options, &regimes, &out, retrain)?;
+    let summary = compare(&options, &regimes, &out, retrain, job)?;
     println!("\n{}", summary_markdown(&summary));
     println!("figure: {}", out.join("curves.png").display());
     Ok(())
@@ -377,8 +381,9 @@ fn eval_command(
     data: Option<&Path>,
     batch_size: usize,
     json: bool,
+    device: &Device,
 ) -> anyhow::Result<()> {
-    let report = evaluate_run(run, data, batch_size)?;
+    let report = evaluate_run(run, data, batch_size, device)?;
     let config: RunConfig = read_json(&run.join("config.json"))?;
     let figure = run.join("confusion.png");
     plot_confusion(&report.confusion, &config.classes, &figure)?;
@@ -404,35 +409,7 @@ fn export_command(run: &Path, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_command(
-    arch: Arch,
-    workload: crate::bench::Workload,
-    batch_size: usize,
-    image_size: usize,
-    warmup: usize,
-    steps: usize,
-    json: bool,
-) -> anyhow::Result<()> {
-    let r = crate::bench::run(arch, workload, batch_size, image_size, warmup, steps.max(1))?;
-    if json {
-        println!("{}", serde_json::to_string(&r)?);
-        return Ok(());
-    }
-    match (r.images_per_second, r.seconds) {
-        (Some(ips), _) => println!(
-            "{arch} {workload:?}: {ips:.1} img/s (median of {steps} steps), peak {:.0} MiB",
-            r.peak_memory_mib
-        ),
-        (_, Some(s)) => println!(
-            "{arch} {workload:?}: {s:.1} s, peak {:.0} MiB",
-            r.peak_memory_mib
-        ),
-        _ => {}
-    }
-    Ok(())
-}
-
-fn train_command(args: TrainArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+fn train_command(args: TrainArgs, matches: &clap::ArgMatches, job: &Job) -> anyhow::Result<()> {
     if let Some(dir) = &args.resume {
         let given = matches.subcommand_matches("train").map_or(Vec::new(), |m| {
             m.ids()
@@ -448,18 +425,17 @@ fn train_command(args: TrainArgs, matches: &clap::ArgMatches) -> anyhow::Result<
                 dir.join("config.json").display()
             )));
         }
-        resume(dir, args.epochs)?;
+        resume(dir, args.epochs, job)?;
         return Ok(());
     }
     let out = args.out.expect("clap requires --out without --resume");
-    let mut options = args.options;
-    options.epochs = args.epochs.unwrap_or(10);
+    let options = args.flags.options(args.epochs.unwrap_or(10));
     let existing = if args.overwrite {
         Existing::Replace
     } else {
         Existing::Refuse
     };
-    train(&options, &out, existing)?;
+    train(&options, &out, existing, job)?;
     Ok(())
 }
 
@@ -550,8 +526,8 @@ fn modules(
         }
     };
     let frozen = match freeze {
-        Some(spec_text) => crate::freeze::parse_spec(spec_text, &spec, &model)?,
-        None => crate::freeze::FreezeSet::none(),
+        Some(spec_text) => retrain::freeze::parse_spec(spec_text, &spec, &model)?,
+        None => retrain::freeze::FreezeSet::none(),
     };
     let list = named_modules(&model, &root_type(&spec), &|name| frozen.contains(name));
     if json {

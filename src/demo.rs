@@ -5,35 +5,32 @@
 
 use std::path::Path;
 
-use crate::compare::{compare, parse_regimes};
-use crate::evaluate::load_run;
-use crate::export::export;
-use crate::models::Arch;
-use crate::output::read_json;
-use crate::synth::{Kind, write_dataset};
-use crate::train::{Existing, TrainOptions, holds_run, resume, train};
+use retrain::compare::{compare, parse_regimes};
+use retrain::evaluate::load_run;
+use retrain::export::export;
+use retrain::job::Job;
+use retrain::models::Arch;
+use retrain::output::read_json;
+use retrain::synth::{Kind, write_dataset};
+use retrain::train::{Existing, TrainOptions, holds_run, resume, train};
 
-/// Options of a default training run, as the CLI would give them.
+/// The demo's training options: small images, a few epochs, a livelier head.
 fn options(data: &Path, epochs: usize) -> TrainOptions {
-    use clap::Parser;
-    #[derive(clap::Parser)]
-    struct Defaults {
-        #[command(flatten)]
-        options: TrainOptions,
+    TrainOptions {
+        data: Some(data.to_path_buf()),
+        epochs,
+        image_size: Some(64),
+        crop_scale: 0.35,
+        lr: Some(2e-3),
+        head_lr_mult: 5.0,
+        batch_size: 16,
+        seed: 1,
+        ..TrainOptions::default()
     }
-    let mut options = Defaults::parse_from(["retrain"]).options;
-    options.data = Some(data.to_path_buf());
-    options.epochs = epochs;
-    options.image_size = Some(64);
-    options.crop_scale = 0.35;
-    options.lr = Some(2e-3);
-    options.head_lr_mult = 5.0;
-    options.batch_size = 16;
-    options.seed = 1;
-    options
 }
 
-pub fn demo(out: &Path) -> anyhow::Result<()> {
+/// Draw the datasets, pretrain, then compare the regimes, in `out`.
+pub fn demo(out: &Path, job: &Job) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let (source, target) = (out.join("source"), out.join("target"));
     if !source.exists() {
@@ -60,15 +57,15 @@ pub fn demo(out: &Path) -> anyhow::Result<()> {
         pre.scratch = true;
         pre.width = Some(0.25);
         let run = out.join("pretrain");
-        if read_json::<crate::train::RunSummary>(&run.join("summary.json")).is_err() {
+        if read_json::<retrain::train::RunSummary>(&run.join("summary.json")).is_err() {
             // A pretraining that was stopped continues where it was.
             if holds_run(&run) {
-                resume(&run, None)?;
+                resume(&run, None, job)?;
             } else {
-                train(&pre, &run, Existing::Refuse)?;
+                train(&pre, &run, Existing::Refuse, job)?;
             }
         }
-        let (model, _) = load_run(&run, &crate::cli::device())?;
+        let (model, _) = load_run(&run, job.device)?;
         export(&model, &checkpoint)?;
         println!("saved the pretrained network as {}", checkpoint.display());
     }
@@ -78,8 +75,8 @@ pub fn demo(out: &Path) -> anyhow::Result<()> {
     base.weights = Some(checkpoint);
     let regimes = parse_regimes("head,partial,full,scratch", Arch::ResNet18)?;
     let comparison = out.join("compare");
-    let summary = compare(&base, &regimes, &comparison, false)?;
-    println!("\n{}", crate::compare::summary_markdown(&summary));
+    let summary = compare(&base, &regimes, &comparison, false, job)?;
+    println!("\n{}", retrain::compare::summary_markdown(&summary));
     println!("figure:  {}", comparison.join("curves.png").display());
     println!("summary: {}", comparison.join("summary.md").display());
     println!("demo finished in {:.0} s", started.elapsed().as_secs_f64());

@@ -1,7 +1,15 @@
+//! `retrain`: the command line over the `retrain` library.
+
+mod bench;
+mod cli;
+mod demo;
+mod options;
+mod progress;
+
 fn main() -> std::process::ExitCode {
     retrain::kernels::retain_freed_memory();
-    let invocation = retrain::cli::parse();
-    match retrain::cli::run(invocation) {
+    let invocation = cli::parse();
+    match cli::run(invocation) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             if let Some(usage) = e.downcast_ref::<clap::Error>() {

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -16,126 +15,164 @@ use burn::optim::{
     momentum::MomentumConfig,
 };
 use burn::prelude::*;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, ImageSet, Split, Transform};
 use crate::freeze::{self, FreezeSet, FrozenBn};
+use crate::job::Job;
 use crate::load::{LoadOptions, LoadReport, load_pretrained, torch_tensors};
-use crate::models::{Arch, Model, ModelSpec, PretrainedConfig};
+use crate::models::{Arch, Model, ModelSpec, PretrainedConfig, to_vec};
 use crate::output::{read_json, write_atomic, write_json, write_weights};
 use crate::preprocess::Preprocess;
 use crate::ranges;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+/// The optimizer of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
+    /// SGD with momentum (PyTorch's semantics: no dampening, L2 weight decay).
     Sgd,
+    /// AdamW (decoupled weight decay).
     Adamw,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+impl OptimizerKind {
+    /// Every value, for a command line's choices.
+    pub const ALL: [OptimizerKind; 2] = [OptimizerKind::Sgd, OptimizerKind::Adamw];
+}
+
+/// The learning-rate schedule of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     /// Linear warmup, then cosine decay to zero.
     Cosine,
     /// Multiply by `--gamma` every `--step-size` epochs.
     Step,
+    /// The same rate throughout.
     Constant,
 }
 
+impl Schedule {
+    /// Every value, for a command line's choices.
+    pub const ALL: [Schedule; 3] = [Schedule::Cosine, Schedule::Step, Schedule::Constant];
+}
+
 /// Every option of a run; written to `config.json` and read back on resume.
-#[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainOptions {
     /// Architecture (detected from --weights when left out).
-    #[arg(long)]
     pub arch: Option<Arch>,
     /// Pretrained checkpoint.
-    #[arg(long, conflicts_with = "scratch")]
     pub weights: Option<PathBuf>,
     /// Train from random init (no weights).
-    #[arg(long)]
     pub scratch: bool,
     /// Network width for --scratch: mobilenet_v2's multiplier, or a ResNet's base width / 64.
-    #[arg(long, value_parser = ranges::width)]
     pub width: Option<f64>,
     /// Dotted key of a nested state dict in the checkpoint.
-    #[arg(long)]
     pub key: Option<String>,
     /// Image folder: one sub-folder per class, or `train/` and `val/` with those.
-    #[arg(long)]
     pub data: Option<PathBuf>,
     /// What to freeze: `none`, `backbone`, module prefixes `a,b`, or a range `features.0-13`.
-    #[arg(long, default_value = "none")]
     pub freeze: String,
     /// Frozen BatchNorm layers: `eval` keeps their statistics fixed, `train` lets them move.
-    #[arg(long, value_enum, default_value_t = FrozenBn::Eval)]
     pub frozen_bn: FrozenBn,
     /// Total epochs (on resume: the new total).
-    #[arg(skip = 10usize)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 32, value_parser = ranges::batch_size)]
+    /// Images per optimisation step.
     pub batch_size: usize,
     /// Peak learning rate (default: 1e-3 for AdamW, 1e-2 for SGD).
-    #[arg(long, value_parser = ranges::positive)]
     pub lr: Option<f64>,
-    #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
+    /// SGD or AdamW.
     pub optimizer: OptimizerKind,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9, value_parser = ranges::fraction)]
     pub momentum: f64,
-    #[arg(long)]
+    /// Nesterov momentum for SGD.
     pub nesterov: bool,
     /// Weight decay (decoupled for AdamW, L2 for SGD).
-    #[arg(long, default_value_t = 1e-4, value_parser = ranges::non_negative)]
     pub weight_decay: f64,
-    #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
+    /// How the learning rate moves over the run.
     pub schedule: Schedule,
     /// Epochs of linear warmup (cosine schedule).
-    #[arg(long, default_value_t = 1)]
     pub warmup_epochs: usize,
     /// Step schedule: epochs between decays.
-    #[arg(long, default_value_t = 10, value_parser = ranges::at_least_one)]
     pub step_size: usize,
     /// Step schedule: decay factor.
-    #[arg(long, default_value_t = 0.1, value_parser = ranges::positive)]
     pub gamma: f64,
     /// Learning-rate multiplier for the new head.
-    #[arg(long, default_value_t = 1.0, value_parser = ranges::positive)]
     pub head_lr_mult: f64,
     /// Train only the head until this epoch, then unfreeze to `--freeze` (fastai's fine_tune).
-    #[arg(long, value_parser = ranges::at_least_one)]
     pub unfreeze_at: Option<usize>,
-    #[arg(long, default_value_t = 0.0, value_parser = ranges::smoothing)]
+    /// Label smoothing of the cross-entropy (0 = none).
     pub label_smoothing: f32,
     /// `auto` weights the loss by inverse class frequency.
-    #[arg(long)]
     pub class_weights: Option<ClassWeights>,
     /// Smallest area fraction of RandomResizedCrop (torchvision: 0.08).
-    #[arg(long, default_value_t = 0.08, value_parser = ranges::share)]
     pub crop_scale: f64,
     /// Square input side (default: the model's pretrained config).
-    #[arg(long, value_parser = ranges::image_size)]
     pub image_size: Option<usize>,
-    #[arg(long, default_value_t = 0.1, value_parser = ranges::fraction)]
+    /// Share of each class held out for validation (when `--data` has no `val/`).
     pub val_fraction: f64,
-    #[arg(long, default_value_t = 0)]
+    /// Seeds the split, the data order, augmentation and the new head.
     pub seed: u64,
     /// Re-run the backbone every step even when it is wholly frozen.
-    #[arg(long)]
     pub no_feature_cache: bool,
     /// Augmented views per image in the feature cache (the first is the eval view).
-    #[arg(long, default_value_t = 1, value_parser = ranges::cache_views)]
     pub cache_views: usize,
     /// Accept a checkpoint that does not match outside the head.
-    #[arg(long)]
     pub allow_partial: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+impl Default for TrainOptions {
+    /// The command line's defaults: AdamW, cosine schedule with one warmup epoch, 10 epochs
+    /// of batch 32, nothing frozen.
+    fn default() -> Self {
+        Self {
+            arch: None,
+            weights: None,
+            scratch: false,
+            width: None,
+            key: None,
+            data: None,
+            freeze: "none".into(),
+            frozen_bn: FrozenBn::Eval,
+            epochs: 10,
+            batch_size: 32,
+            lr: None,
+            optimizer: OptimizerKind::Adamw,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 1e-4,
+            schedule: Schedule::Cosine,
+            warmup_epochs: 1,
+            step_size: 10,
+            gamma: 0.1,
+            head_lr_mult: 1.0,
+            unfreeze_at: None,
+            label_smoothing: 0.0,
+            class_weights: None,
+            crop_scale: 0.08,
+            image_size: None,
+            val_fraction: 0.1,
+            seed: 0,
+            no_feature_cache: false,
+            cache_views: 1,
+            allow_partial: false,
+        }
+    }
+}
+
+/// How to weight the loss per class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ClassWeights {
+    /// By inverse class frequency.
     Auto,
+}
+
+impl ClassWeights {
+    /// Every value, for a command line's choices.
+    pub const ALL: [ClassWeights; 1] = [ClassWeights::Auto];
 }
 
 /// One line of `metrics.jsonl` / `metrics.csv`.
@@ -270,24 +307,10 @@ pub struct RunSummary {
     pub peak_memory_mib: f64,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Ctrl-C asks the loop to stop after saving; installed once per process.
-fn install_interrupt_handler() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
-    });
-}
-
-/// The run was stopped by Ctrl-C after saving its last checkpoint.
+/// The run was cancelled (Ctrl-C) and stopped after saving its last finished epoch.
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted; resume with --resume {0}")]
 pub struct Interrupted(pub String);
-
-fn autodiff_device() -> Device {
-    crate::cli::device().autodiff()
-}
 
 /// The files and folders of a run: what [`holds_run`] looks for and [`remove_run`] removes.
 const RUN_FILES: [&str; 12] = [
@@ -400,13 +423,18 @@ pub enum Existing {
 }
 
 /// Start a new run in `out` on a split of `options.data`.
-pub fn train(options: &TrainOptions, out: &Path, existing: Existing) -> anyhow::Result<RunSummary> {
+pub fn train(
+    options: &TrainOptions,
+    out: &Path,
+    existing: Existing,
+    job: &Job,
+) -> anyhow::Result<RunSummary> {
     options.validate()?;
     if existing == Existing::Refuse && holds_run(out) {
         bail!(RunExists(out.display().to_string()));
     }
     let split = Split::make(options.data_dir()?, options.val_fraction, options.seed)?;
-    train_on_split(options, out, split, existing)
+    train_on_split(options, out, split, existing, job)
 }
 
 /// [`train`] on a given split (a comparison gives every regime the same one). Everything
@@ -416,6 +444,7 @@ pub fn train_on_split(
     out: &Path,
     split: Split,
     existing: Existing,
+    job: &Job,
 ) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
     options.validate()?;
@@ -423,7 +452,7 @@ pub fn train_on_split(
         bail!(RunExists(out.display().to_string()));
     }
     for warning in &split.warnings {
-        eprintln!("warning: {warning}");
+        job.observer.warning(warning);
     }
     if split.classes.len() < 2 {
         bail!(
@@ -432,11 +461,11 @@ pub fn train_on_split(
             split.classes.join(", ")
         );
     }
-    let device = autodiff_device();
+    let device = job.device.clone().autodiff();
     // The seed also fixes the new head's initial weights.
     device.seed(options.seed);
     let (model, spec, report) = build_model(options, split.classes.len(), &device)?;
-    let session = Session::new(options.clone(), split, device, model, spec)?;
+    let session = Session::new(options.clone(), split, job, model, spec)?;
     let weights_sha256 = options
         .weights
         .as_deref()
@@ -444,12 +473,13 @@ pub fn train_on_split(
         .transpose()?;
     if holds_run(out) {
         remove_run(out)?;
-        eprintln!("removed the run that was in {}", out.display());
+        job.observer
+            .notice(&format!("removed the run that was in {}", out.display()));
     }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     write_json(&out.join("split.json"), &session.split)?;
     if let Some(report) = &report {
-        eprintln!("{report}");
+        job.observer.notice(&report.to_string());
         write_json(&out.join("load_report.json"), report)?;
     }
     let config = RunConfig {
@@ -463,7 +493,7 @@ pub fn train_on_split(
 
 /// Continue the run in `out` from its last finished epoch with the settings in its
 /// `config.json`; `epochs` (more than it has done) extends it.
-pub fn resume(out: &Path, epochs: Option<usize>) -> anyhow::Result<RunSummary> {
+pub fn resume(out: &Path, epochs: Option<usize>, job: &Job) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
     let config_path = out.join("config.json");
     let config: RunConfig = read_json(&config_path)?;
@@ -508,14 +538,14 @@ pub fn resume(out: &Path, epochs: Option<usize>) -> anyhow::Result<RunSummary> {
         );
     }
     remove_orphan_temporaries(out);
-    let device = autodiff_device();
+    let device = job.device.clone().autodiff();
     device.seed(options.seed);
     let model = config
         .model
         .build(&device)
         .try_load_file(last.join("model.bpk"))
         .map_err(|e| anyhow::anyhow!("{}: cannot load: {e}", last.join("model.bpk").display()))?;
-    let session = Session::new(options.clone(), split, device, model, config.model.clone())?;
+    let session = Session::new(options.clone(), split, job, model, config.model.clone())?;
     let optimizers = Optimizers::new(&options).load(&last)?;
     if options.epochs != config.options.epochs {
         let extended = RunConfig {
@@ -524,11 +554,11 @@ pub fn resume(out: &Path, epochs: Option<usize>) -> anyhow::Result<RunSummary> {
         };
         write_json(&config_path, &extended)?;
     }
-    eprintln!(
+    job.observer.notice(&format!(
         "resuming {} after epoch {}",
         out.display(),
         state.epochs_done
-    );
+    ));
     session.run(out, state, optimizers, started)
 }
 
@@ -557,8 +587,10 @@ fn remove_orphan_temporaries(dir: &Path) {
 
 /// A run about to train: options, network, preprocessing, split and decoded images, all
 /// checked; nothing written yet.
-struct Session {
+struct Session<'a> {
     options: TrainOptions,
+    job: Job<'a>,
+    /// The job's device with autodiff, for training.
     device: Device,
     model: Model,
     spec: ModelSpec,
@@ -570,11 +602,11 @@ struct Session {
     head_set: FreezeSet,
 }
 
-impl Session {
+impl<'a> Session<'a> {
     fn new(
         options: TrainOptions,
         split: Split,
-        device: Device,
+        job: &Job<'a>,
         model: Model,
         spec: ModelSpec,
     ) -> anyhow::Result<Self> {
@@ -605,11 +637,12 @@ impl Session {
                 data::first_ten(&changed)
             );
         }
+        let observer = job.observer;
         for warning in train_set.warnings.iter().chain(&val_set.warnings) {
-            eprintln!("warning: {warning}");
+            observer.warning(warning);
         }
         for skipped in train_set.skipped.iter().chain(&val_set.skipped) {
-            eprintln!("warning: skipping unreadable image {skipped}");
+            observer.warning(&format!("skipping unreadable image {skipped}"));
         }
         for (label, name) in split.classes.iter().enumerate() {
             if !train_set.labels.contains(&label) {
@@ -617,16 +650,17 @@ impl Session {
             }
         }
         if val_set.is_empty() {
-            eprintln!(
-                "warning: no validation images (--val-fraction 0, or classes of one image); \"best\" will be the last epoch"
+            observer.warning(
+                "no validation images (--val-fraction 0, or classes of one image); \"best\" will be the last epoch",
             );
         }
         for leak in &split.leaked {
-            eprintln!("warning: the same image is in train and val: {leak}");
+            observer.warning(&format!("the same image is in train and val: {leak}"));
         }
         Ok(Self {
             options,
-            device,
+            job: job.clone(),
+            device: job.device.clone().autodiff(),
             model,
             spec,
             preprocess,
@@ -665,8 +699,8 @@ impl Session {
         mut optimizers: Optimizers,
         started: Instant,
     ) -> anyhow::Result<RunSummary> {
-        install_interrupt_handler();
         let options = &self.options;
+        let observer = self.job.observer;
         let (device, spec, preprocess) = (&self.device, &self.spec, &self.preprocess);
         let (train_set, val_set) = (&self.train_set, &self.val_set);
         let mut model = freeze::apply(
@@ -692,11 +726,11 @@ impl Session {
         for epoch in state.epochs_done..options.epochs {
             let set = self.phase_set(epoch);
             if epoch > 0 && set != self.phase_set(epoch - 1) {
-                eprintln!(
+                observer.notice(&format!(
                     "epoch {}: unfreezing to --freeze {}",
                     epoch + 1,
                     options.freeze
-                );
+                ));
                 model = freeze::apply(model, set, options.frozen_bn);
                 cache = None;
             }
@@ -705,7 +739,7 @@ impl Session {
                 && set.is_whole_backbone(spec, &model);
             if use_cache && cache.is_none() {
                 cache = Some(FeatureCache::build(
-                    &model, train_set, val_set, preprocess, options,
+                    &model, train_set, val_set, preprocess, options, &self.job,
                 )?);
             }
             device.seed(options.seed.wrapping_add(epoch as u64));
@@ -717,28 +751,29 @@ impl Session {
                 criterion: &criterion,
                 head_ids: &head_ids,
                 device,
+                job: &self.job,
             };
-            let progress = progress_bar(epoch, options.epochs, train_set.len());
+            let label = format!("epoch {}/{}", epoch + 1, options.epochs);
+            observer.task_started(&label, train_set.len() as u64);
             let (new_model, train_loss, train_acc, lr) = match (&cache, use_cache) {
-                (Some(c), true) => train_epoch_cached(model, &mut optimizers, c, &ctx, &progress)?,
-                _ => train_epoch(
-                    model,
-                    &mut optimizers,
-                    train_set,
-                    preprocess,
-                    &ctx,
-                    &progress,
-                )?,
+                (Some(c), true) => train_epoch_cached(model, &mut optimizers, c, &ctx)?,
+                _ => train_epoch(model, &mut optimizers, train_set, preprocess, &ctx)?,
             };
             model = new_model;
-            progress.finish_and_clear();
-            if INTERRUPTED.load(Ordering::SeqCst) {
+            observer.task_finished();
+            if self.job.cancellation.is_cancelled() {
                 bail!(Interrupted(out.display().to_string()));
             }
             let train_seconds = epoch_start.elapsed().as_secs_f64();
             let (val_loss, val_top1, val_top5) = match (&cache, use_cache) {
-                (Some(c), true) => evaluate_cached(&model, c)?,
-                _ => evaluate(&model, val_set, preprocess, options.batch_size)?,
+                (Some(c), true) => evaluate_cached(&model, c, self.job.device)?,
+                _ => evaluate(
+                    &model,
+                    val_set,
+                    preprocess,
+                    options.batch_size,
+                    self.job.device,
+                )?,
             };
             if !val_loss.is_finite() {
                 bail!(
@@ -757,7 +792,7 @@ impl Session {
                 epoch_seconds: epoch_start.elapsed().as_secs_f64(),
                 images_per_second: train_set.len() as f64 / train_seconds,
             };
-            println!("{}", metrics.line(options.epochs));
+            observer.line(&metrics.line(options.epochs));
             state.history.push(metrics);
             state.epochs_done = epoch + 1;
             if state.is_best(val_set.is_empty()) {
@@ -827,7 +862,7 @@ impl Session {
             peak_memory_mib: peak_memory_mib(),
         };
         write_json(&out.join("summary.json"), &summary)?;
-        println!(
+        self.job.observer.line(&format!(
             "best val top-1 {:.3} at epoch {}; frozen: {} tensors ({} params), trainable params {}; freeze audit passed; {} skipped images",
             summary.best_top1,
             summary.best_epoch,
@@ -835,7 +870,7 @@ impl Session {
             summary.frozen_params,
             summary.trainable_params,
             summary.skipped_images.len()
-        );
+        ));
         Ok(summary)
     }
 }
@@ -978,6 +1013,7 @@ struct StepContext<'a> {
     criterion: &'a CrossEntropyLoss,
     head_ids: &'a [ParamId],
     device: &'a Device,
+    job: &'a Job<'a>,
 }
 
 impl StepContext<'_> {
@@ -1034,7 +1070,6 @@ impl StepContext<'_> {
         i: usize,
         optimizers: &mut Optimizers,
         totals: &mut EpochTotals,
-        progress: &ProgressBar,
     ) -> anyhow::Result<Model> {
         let (loss, value, correct) = self.loss(logits, labels)?;
         let step = self.epoch * self.steps_per_epoch + i;
@@ -1044,37 +1079,26 @@ impl StepContext<'_> {
         totals.loss_sum += value * labels.len() as f64;
         totals.correct += correct;
         totals.seen += labels.len();
-        progress.inc(labels.len() as u64);
-        progress.set_message(format!(
-            "loss {:.4} acc {:.3}",
-            totals.loss_sum / totals.seen as f64,
-            totals.correct as f64 / totals.seen as f64
-        ));
+        self.job.observer.task_advanced(
+            labels.len() as u64,
+            &format!(
+                "loss {:.4} acc {:.3}",
+                totals.loss_sum / totals.seen as f64,
+                totals.correct as f64 / totals.seen as f64
+            ),
+        );
         Ok(model)
     }
 }
 
 fn count_correct(logits: &Tensor<2>, labels: &[usize]) -> anyhow::Result<usize> {
-    let values = crate::cli::to_vec(logits.clone())?;
+    let values = to_vec(logits.clone())?;
     let classes = logits.dims()[1];
     Ok(values
         .chunks(classes)
         .zip(labels)
         .filter(|(row, label)| rank(row, **label) == 0)
         .count())
-}
-
-fn progress_bar(epoch: usize, epochs: usize, images: usize) -> ProgressBar {
-    let bar = ProgressBar::new(images as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({per_sec}, eta {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("{}/{epochs}", epoch + 1));
-    bar
 }
 
 type EpochResult = anyhow::Result<(Model, f64, f64, f64)>;
@@ -1085,7 +1109,6 @@ fn train_epoch(
     set: &Arc<ImageSet>,
     pre: &Preprocess,
     ctx: &StepContext,
-    progress: &ProgressBar,
 ) -> EpochResult {
     let opts = ctx.options;
     let mut order = data::epoch_order(set.len(), opts.seed, ctx.epoch);
@@ -1108,7 +1131,7 @@ fn train_epoch(
     let mut totals = EpochTotals::default();
     let size = pre.input_size;
     for (i, batch) in batches.enumerate() {
-        if INTERRUPTED.load(Ordering::SeqCst) {
+        if ctx.job.cancellation.is_cancelled() {
             break;
         }
         let batch = batch?;
@@ -1118,15 +1141,7 @@ fn train_epoch(
             ctx.device,
         );
         let logits = model.forward(x);
-        model = ctx.step(
-            model,
-            logits,
-            &batch.labels,
-            i,
-            optimizers,
-            &mut totals,
-            progress,
-        )?;
+        model = ctx.step(model, logits, &batch.labels, i, optimizers, &mut totals)?;
     }
     totals.finish(model)
 }
@@ -1148,15 +1163,14 @@ impl FeatureCache {
         val: &Arc<ImageSet>,
         pre: &Preprocess,
         options: &TrainOptions,
+        job: &Job,
     ) -> anyhow::Result<Self> {
         let eval_model = model.for_inference();
         let views = options.cache_views.max(1);
-        let bar = ProgressBar::new(((train.len() * views) + val.len()) as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "caching features [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})",
-            )
-            .expect("valid template"),
+        let observer = job.observer;
+        observer.task_started(
+            "caching features",
+            ((train.len() * views) + val.len()) as u64,
         );
         let embed = |set: &Arc<ImageSet>, transform: Transform| -> anyhow::Result<Vec<Vec<f32>>> {
             let order: Vec<usize> = (0..set.len()).collect();
@@ -1171,15 +1185,14 @@ impl FeatureCache {
             ) {
                 let batch = batch?;
                 let n = batch.labels.len();
-                let device = crate::cli::device();
                 let x = Tensor::<4>::from_data(
                     TensorData::new(batch.pixels, [n, 3, size, size]),
-                    &device,
+                    job.device,
                 );
-                let e = crate::cli::to_vec(eval_model.embed(x))?;
+                let e = to_vec(eval_model.embed(x))?;
                 let d = e.len() / n;
                 out.extend(e.chunks(d).map(<[f32]>::to_vec));
-                bar.inc(n as u64);
+                observer.task_advanced(n as u64, "");
             }
             Ok(out)
         };
@@ -1195,7 +1208,7 @@ impl FeatureCache {
             )?);
         }
         let val_emb = embed(val, Transform::Eval)?;
-        bar.finish_and_clear();
+        observer.task_finished();
         let dim = per_view[0].first().map_or(0, Vec::len);
         let train_views = (0..train.len())
             .map(|i| per_view.iter().map(|v| v[i].clone()).collect())
@@ -1215,14 +1228,13 @@ fn train_epoch_cached(
     optimizers: &mut Optimizers,
     cache: &FeatureCache,
     ctx: &StepContext,
-    progress: &ProgressBar,
 ) -> EpochResult {
     let opts = ctx.options;
     let order = data::epoch_order(cache.train.len(), opts.seed, ctx.epoch);
     let mut totals = EpochTotals::default();
     let views = cache.train.first().map_or(1, Vec::len);
     for (i, idx) in order.chunks(opts.batch_size).enumerate() {
-        if INTERRUPTED.load(Ordering::SeqCst) {
+        if ctx.job.cancellation.is_cancelled() {
             break;
         }
         let n = idx.len();
@@ -1234,7 +1246,7 @@ fn train_epoch_cached(
         let labels: Vec<usize> = idx.iter().map(|&j| cache.train_labels[j]).collect();
         let x = Tensor::<2>::from_data(TensorData::new(features, [n, cache.dim]), ctx.device);
         let logits = model.forward_head(x);
-        model = ctx.step(model, logits, &labels, i, optimizers, &mut totals, progress)?;
+        model = ctx.step(model, logits, &labels, i, optimizers, &mut totals)?;
     }
     totals.finish(model)
 }
@@ -1283,17 +1295,17 @@ fn evaluate(
     set: &Arc<ImageSet>,
     pre: &Preprocess,
     batch_size: usize,
+    device: &Device,
 ) -> anyhow::Result<(f64, f64, f64)> {
     let eval_model = model.for_inference();
-    let device = crate::cli::device();
     let order: Vec<usize> = (0..set.len()).collect();
     let (mut loss, mut top1, mut top5) = (0.0, 0, 0);
     let size = pre.input_size;
     for batch in data::batches(set.clone(), pre.clone(), order, batch_size, Transform::Eval) {
         let batch = batch?;
         let n = batch.labels.len();
-        let x = Tensor::<4>::from_data(TensorData::new(batch.pixels, [n, 3, size, size]), &device);
-        let logits = crate::cli::to_vec(eval_model.forward(x))?;
+        let x = Tensor::<4>::from_data(TensorData::new(batch.pixels, [n, 3, size, size]), device);
+        let logits = to_vec(eval_model.forward(x))?;
         let (l, t1, t5) = score(&logits, &batch.labels, logits.len() / n);
         loss += l;
         top1 += t1;
@@ -1303,15 +1315,18 @@ fn evaluate(
     Ok((loss / n, top1 as f64 / n, top5 as f64 / n))
 }
 
-fn evaluate_cached(model: &Model, cache: &FeatureCache) -> anyhow::Result<(f64, f64, f64)> {
+fn evaluate_cached(
+    model: &Model,
+    cache: &FeatureCache,
+    device: &Device,
+) -> anyhow::Result<(f64, f64, f64)> {
     let eval_model = model.valid();
-    let device = crate::cli::device();
     let n = cache.val.len();
     if n == 0 {
         return Ok((0.0, 0.0, 0.0));
     }
-    let x = Tensor::<2>::from_data(TensorData::new(cache.val.concat(), [n, cache.dim]), &device);
-    let logits = crate::cli::to_vec(eval_model.forward_head(x))?;
+    let x = Tensor::<2>::from_data(TensorData::new(cache.val.concat(), [n, cache.dim]), device);
+    let logits = to_vec(eval_model.forward_head(x))?;
     let (loss, top1, top5) = score(&logits, &cache.val_labels, logits.len() / n);
     Ok((
         loss / n as f64,

@@ -21,22 +21,17 @@ use mobilenet_v2::MobileNetV2;
 use resnet::{BlockKind, ResNet, ResNetSpec};
 
 /// An architecture name as users type it (`--arch`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Arch {
     #[serde(rename = "mobilenet_v2")]
-    #[value(name = "mobilenet_v2")]
     MobileNetV2,
     #[serde(rename = "resnet18")]
-    #[value(name = "resnet18")]
     ResNet18,
     #[serde(rename = "resnet34")]
-    #[value(name = "resnet34")]
     ResNet34,
     #[serde(rename = "resnet50")]
-    #[value(name = "resnet50")]
     ResNet50,
     #[serde(rename = "efficientnet_lite0")]
-    #[value(name = "efficientnet_lite0")]
     EfficientNetLite0,
 }
 
@@ -268,6 +263,12 @@ pub fn detect(sd: &StateDict) -> Option<ModelSpec> {
         });
     }
     None
+}
+
+/// A tensor's values as f32, row-major.
+pub fn to_vec<const D: usize>(t: Tensor<D>) -> anyhow::Result<Vec<f32>> {
+    t.try_into_vec_as::<f32>()
+        .map_err(|e| anyhow::anyhow!("reading a tensor back: {e:?}"))
 }
 
 /// Describe a detected spec for messages: `mobilenet_v2 (width 0.25)`.

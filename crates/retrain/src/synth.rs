@@ -13,7 +13,8 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 /// Which class set to draw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// Six shape classes for pretraining: cross, disk, frame, ring, triangle, waves.
     Source,
@@ -25,6 +26,10 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, for a command line's choices.
+    pub const ALL: [Kind; 3] = [Kind::Source, Kind::Target, Kind::Toy];
+
+    /// The class folder names this kind draws.
     pub fn classes(self) -> &'static [&'static str] {
         match self {
             Kind::Source => &["cross", "disk", "frame", "ring", "triangle", "waves"],

@@ -15,7 +15,7 @@ use crate::models::{Model, ModelSpec};
 use crate::modules::named_modules;
 
 /// What frozen BatchNorm layers do in training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FrozenBn {
     /// Normalise with the running statistics and never update them (default).
@@ -23,6 +23,11 @@ pub enum FrozenBn {
     /// Keep updating the running statistics, like PyTorch's `requires_grad=False` alone
     /// (fastai's `train_bn`); the affine parameters stay frozen.
     Train,
+}
+
+impl FrozenBn {
+    /// Every value, for a command line's choices.
+    pub const ALL: [FrozenBn; 2] = [FrozenBn::Eval, FrozenBn::Train];
 }
 
 /// A resolved freeze spec: module-name prefixes whose tensors are frozen.

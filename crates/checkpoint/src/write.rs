@@ -1,21 +1,52 @@
-//! Writing weights for PyTorch: `.safetensors`, or `.pth` in the zip container that
+//! Writing state dicts: `.safetensors`, or `.pth` in the zip container that
 //! `torch.load(weights_only=True)` reads. No crate writes PyTorch's pickle, so this module
 //! emits the few opcodes a state dict needs (an `OrderedDict` of `_rebuild_tensor_v2`
 //! calls on persistent storages), the same stream `torch.save(model.state_dict())` makes.
 
+use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
 
-use anyhow::{Context, bail};
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
 use zip::write::SimpleFileOptions;
 
-use crate::load::torch_tensors;
-use crate::models::Model;
-use crate::output::{write_atomic, write_weights};
+/// Why a state dict could not be serialised.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// A dimension or element count beyond what the pickle writer encodes (i32).
+    #[error("a dimension of {0} is too large for the .pth writer")]
+    TooLarge(usize),
+    /// The zip container failed.
+    #[error("zip: {0}")]
+    Zip(#[from] zip::result::ZipError),
+    /// Writing into the in-memory archive failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// safetensors refused a tensor (shape and byte count disagree).
+    #[error("tensor {name}: {message}")]
+    Safetensors {
+        /// The tensor's name.
+        name: String,
+        /// safetensors' message.
+        message: String,
+    },
+}
+
+/// One named tensor of a state dict, in row-major order.
+pub struct NamedTensor {
+    /// The state-dict key (`layer1.0.conv1.weight`).
+    pub name: String,
+    /// Its shape (empty for a scalar).
+    pub shape: Vec<usize>,
+    /// Its values.
+    pub values: Values,
+}
 
 /// Element type of an exported tensor.
-enum Values {
+pub enum Values {
+    /// Parameters and float buffers.
     F32(Vec<f32>),
+    /// Integer buffers (`num_batches_tracked`).
     I64(Vec<i64>),
 }
 
@@ -73,14 +104,14 @@ impl Pickler {
         self.0.extend_from_slice(s.as_bytes());
     }
 
-    fn int(&mut self, v: usize) -> anyhow::Result<()> {
-        let v = i32::try_from(v).context("a dimension too large for this writer")?;
+    fn int(&mut self, v: usize) -> Result<(), WriteError> {
+        let v = i32::try_from(v).map_err(|_| WriteError::TooLarge(v))?;
         self.0.push(op::BININT);
         self.0.extend_from_slice(&v.to_le_bytes());
         Ok(())
     }
 
-    fn int_tuple(&mut self, values: &[usize]) -> anyhow::Result<()> {
+    fn int_tuple(&mut self, values: &[usize]) -> Result<(), WriteError> {
         self.0.push(op::MARK);
         for &v in values {
             self.int(v)?;
@@ -97,7 +128,7 @@ impl Pickler {
 
     /// `torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())`
     /// with the storage as persistent id `('storage', torch.XStorage, key, 'cpu', numel)`.
-    fn tensor(&mut self, key: &str, values: &Values, shape: &[usize]) -> anyhow::Result<()> {
+    fn tensor(&mut self, key: &str, values: &Values, shape: &[usize]) -> Result<(), WriteError> {
         self.global("torch._utils", "_rebuild_tensor_v2");
         self.0.push(op::MARK);
         self.0.push(op::MARK);
@@ -123,30 +154,14 @@ impl Pickler {
     }
 }
 
-/// The model's state dict as PyTorch orders and names it, `num_batches_tracked` included.
-fn state_dict(model: &Model) -> Vec<(String, Vec<usize>, Values)> {
-    let mut out = Vec::new();
-    for (name, shape, values) in torch_tensors(model) {
-        let tracked = name
-            .strip_suffix("running_var")
-            .map(|p| format!("{p}num_batches_tracked"));
-        out.push((name, shape, Values::F32(values)));
-        if let Some(t) = tracked {
-            out.push((t, vec![], Values::I64(vec![0])));
-        }
-    }
-    out
-}
-
-/// Serialise a `.pth` zip archive in memory.
-fn pth_bytes(model: &Model) -> anyhow::Result<Vec<u8>> {
-    let tensors = state_dict(model);
+/// Serialise tensors as a `.pth` zip archive in memory, in the given order.
+pub fn pth_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>, WriteError> {
     let mut p = Pickler(vec![op::PROTO, 2]);
     p.ordered_dict();
     p.0.push(op::MARK);
-    for (i, (name, shape, values)) in tensors.iter().enumerate() {
-        p.string(name);
-        p.tensor(&i.to_string(), values, shape)?;
+    for (i, t) in tensors.iter().enumerate() {
+        p.string(&t.name);
+        p.tensor(&i.to_string(), &t.values, &t.shape)?;
     }
     p.0.push(op::SETITEMS);
     p.0.push(op::STOP);
@@ -156,28 +171,43 @@ fn pth_bytes(model: &Model) -> anyhow::Result<Vec<u8>> {
     let stored = SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .with_alignment(64);
-    let mut entry = |name: &str, bytes: &[u8]| -> anyhow::Result<()> {
+    let mut entry = |name: &str, bytes: &[u8]| -> Result<(), WriteError> {
         zip.start_file(format!("archive/{name}"), stored)?;
         zip.write_all(bytes)?;
         Ok(())
     };
     entry("data.pkl", &p.0)?;
     entry("byteorder", b"little")?;
-    for (i, (_, _, values)) in tensors.iter().enumerate() {
-        entry(&format!("data/{i}"), &values.bytes())?;
+    for (i, t) in tensors.iter().enumerate() {
+        entry(&format!("data/{i}"), &t.values.bytes())?;
     }
     entry("version", b"3\n")?;
     Ok(zip.finish()?.into_inner())
 }
 
-/// Write the model's weights to `path`: `.pth` (zip) or `.safetensors`, by extension.
-pub fn export(model: &Model, path: &Path) -> anyhow::Result<()> {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("pth" | "pt") => write_atomic(path, &pth_bytes(model)?),
-        Some("safetensors") => write_weights(path, model),
-        _ => bail!(
-            "{}: choose the format by extension: .pth or .safetensors",
-            path.display()
-        ),
-    }
+/// Serialise tensors as a `.safetensors` file in memory.
+pub fn safetensors_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>, WriteError> {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|t| t.values.bytes()).collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            let dtype = match t.values {
+                Values::F32(_) => Dtype::F32,
+                Values::I64(_) => Dtype::I64,
+            };
+            TensorView::new(dtype, t.shape.clone(), b)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| WriteError::Safetensors {
+                    name: t.name.clone(),
+                    message: e.to_string(),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize(views, None::<HashMap<String, String>>).map_err(|e| {
+        WriteError::Safetensors {
+            name: "(file)".into(),
+            message: e.to_string(),
+        }
+    })
 }

@@ -5,7 +5,7 @@
 //! `pytorch-reader` crate, which only understands the calls PyTorch uses to rebuild tensors
 //! and honours stored strides and storage offsets. Before it runs, [`crate::pickle_scan`]
 //! refuses any pickle that names a global outside the allowlist of
-//! `torch.load(weights_only=True)`.
+//! `torch.load(weights_only=True)`. [`write`] serialises state dicts the other way.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use pytorch_reader::{DType, FileFormat, PickleValue, PytorchReader};
 
-use crate::pickle_scan;
+pub mod pickle_scan;
+pub mod write;
 
 /// A bad checkpoint: the file and what is wrong with it, printed on one line.
 #[derive(Debug, thiserror::Error)]

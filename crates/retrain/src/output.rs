@@ -1,15 +1,13 @@
 //! Writing result files so that a crash never leaves a half-written one: write a temporary
 //! file beside the target, then rename it into place.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
-use safetensors::Dtype;
-use safetensors::tensor::TensorView;
 
-use crate::load::torch_tensors;
+use crate::checkpoint::write::{NamedTensor, Values, safetensors_bytes};
+use crate::export::state_dict;
 use crate::models::Model;
 
 /// Temporary files of [`write_atomic`] are named `.retrain-XXXXXX.tmp`, so that those a
@@ -44,52 +42,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A tensor to write: name, dtype, shape, little-endian bytes.
-type RawTensor = (String, Dtype, Vec<usize>, Vec<u8>);
-
-fn serialize_safetensors(path: &Path, tensors: &[RawTensor]) -> anyhow::Result<Vec<u8>> {
-    let views = tensors
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .with_context(|| format!("{}: tensor {name}", path.display()))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    safetensors::serialize(views, None::<HashMap<String, String>>)
-        .with_context(|| format!("{}: cannot serialize", path.display()))
-}
-
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
 /// Write named f32 tensors as a safetensors file.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, Vec<f32>)],
 ) -> anyhow::Result<()> {
-    let raw: Vec<RawTensor> = tensors
+    let named: Vec<NamedTensor> = tensors
         .iter()
-        .map(|(n, s, v)| (n.clone(), Dtype::F32, s.clone(), f32_bytes(v)))
+        .map(|(name, shape, values)| NamedTensor {
+            name: name.clone(),
+            shape: shape.clone(),
+            values: Values::F32(values.clone()),
+        })
         .collect();
-    write_atomic(path, &serialize_safetensors(path, &raw)?)
+    let bytes = safetensors_bytes(&named).with_context(|| format!("{}", path.display()))?;
+    write_atomic(path, &bytes)
 }
 
-/// A model's weights with PyTorch's names, layouts and buffers (including the int64
-/// `num_batches_tracked` that `load_state_dict(strict=True)` expects), as safetensors.
+/// A model's weights with PyTorch's names, layouts and buffers, as safetensors.
 pub fn write_weights(path: &Path, model: &Model) -> anyhow::Result<()> {
-    let mut raw: Vec<RawTensor> = Vec::new();
-    for (name, shape, values) in torch_tensors(model) {
-        let tracked = name
-            .strip_suffix("running_var")
-            .map(|prefix| format!("{prefix}num_batches_tracked"));
-        raw.push((name, Dtype::F32, shape, f32_bytes(&values)));
-        if let Some(tracked) = tracked {
-            raw.push((tracked, Dtype::I64, vec![], 0i64.to_le_bytes().to_vec()));
-        }
-    }
-    write_atomic(path, &serialize_safetensors(path, &raw)?)
+    let bytes =
+        safetensors_bytes(&state_dict(model)).with_context(|| format!("{}", path.display()))?;
+    write_atomic(path, &bytes)
 }
 
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {

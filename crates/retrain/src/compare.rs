@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Split, first_ten, sha256_file};
+use crate::job::Job;
 use crate::models::Arch;
 use crate::output::{read_json, write_atomic, write_json};
 use crate::report::{Curves, plot_curves, regime_color};
@@ -127,6 +128,7 @@ pub fn compare(
     regimes: &[Regime],
     out: &Path,
     retrain: bool,
+    job: &Job,
 ) -> anyhow::Result<ComparisonSummary> {
     base.validate()?;
     let data = base.data.as_deref().context("--data DIR is required")?;
@@ -176,13 +178,17 @@ pub fn compare(
         };
         let summary = match reuse(&dir, &fingerprint)? {
             Reuse::Done(summary) => {
-                println!("== {}: already trained, skipping", regime.name);
+                job.observer
+                    .line(&format!("== {}: already trained, skipping", regime.name));
                 summary
             }
             Reuse::Extend => {
-                println!("== {}: resuming to {} epochs", regime.name, options.epochs);
+                job.observer.line(&format!(
+                    "== {}: resuming to {} epochs",
+                    regime.name, options.epochs
+                ));
                 reset_peak_memory();
-                resume(&dir, Some(options.epochs))?
+                resume(&dir, Some(options.epochs), job)?
             }
             Reuse::Stale(changes) if !retrain => bail!(
                 "{}: trained with other settings ({}); pass --retrain to train it again, or use a new --out",
@@ -190,15 +196,15 @@ pub fn compare(
                 first_ten(&changes)
             ),
             Reuse::Fresh | Reuse::Unfinished | Reuse::Stale(_) => {
-                println!(
+                job.observer.line(&format!(
                     "== {} (freeze {}{})",
                     regime.name,
                     regime.freeze,
                     if regime.scratch { ", from scratch" } else { "" }
-                );
+                ));
                 reset_peak_memory();
                 // What is in the folder goes once the new run is checked.
-                train_on_split(&options, &dir, split.clone(), Existing::Replace)?
+                train_on_split(&options, &dir, split.clone(), Existing::Replace, job)?
             }
         };
         let config: RunConfig = read_json(&dir.join("config.json"))?;

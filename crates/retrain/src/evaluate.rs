@@ -153,9 +153,9 @@ pub fn evaluate_run(
     run: &Path,
     data: Option<&Path>,
     batch_size: usize,
+    device: &Device,
 ) -> anyhow::Result<EvalReport> {
-    let device = crate::cli::device();
-    let (model, config) = load_run(run, &device)?;
+    let (model, config) = load_run(run, device)?;
     let model = model.for_inference();
     let (root, entries) = eval_entries(&config, run, data)?;
     let pre = config.preprocess.clone();
@@ -181,8 +181,8 @@ pub fn evaluate_run(
     for batch in data::batches(set.clone(), pre.clone(), order, batch_size, Transform::Eval) {
         let batch = batch?;
         let n = batch.labels.len();
-        let x = Tensor::<4>::from_data(TensorData::new(batch.pixels, [n, 3, size, size]), &device);
-        let logits = crate::cli::to_vec(model.forward(x))?;
+        let x = Tensor::<4>::from_data(TensorData::new(batch.pixels, [n, 3, size, size]), device);
+        let logits = crate::models::to_vec(model.forward(x))?;
         for ((row, &label), &i) in logits.chunks(k).zip(&batch.labels).zip(&batch.indices) {
             let (loss, t1, t5) = crate::train::score(row, &[label], k);
             let pred = crate::train::argmax(row);

@@ -1,0 +1,47 @@
+//! Writing a network's weights for PyTorch: its state dict with torchvision's names and
+//! buffers, serialised by [`crate::checkpoint::write`].
+
+use std::path::Path;
+
+use anyhow::bail;
+
+use crate::checkpoint::write::{NamedTensor, Values, pth_bytes};
+use crate::load::torch_tensors;
+use crate::models::Model;
+use crate::output::{write_atomic, write_weights};
+
+/// The model's state dict as PyTorch orders and names it, `num_batches_tracked` included
+/// (which `load_state_dict(strict=True)` expects).
+pub fn state_dict(model: &Model) -> Vec<NamedTensor> {
+    let mut out = Vec::new();
+    for (name, shape, values) in torch_tensors(model) {
+        let tracked = name
+            .strip_suffix("running_var")
+            .map(|p| format!("{p}num_batches_tracked"));
+        out.push(NamedTensor {
+            name,
+            shape,
+            values: Values::F32(values),
+        });
+        if let Some(name) = tracked {
+            out.push(NamedTensor {
+                name,
+                shape: vec![],
+                values: Values::I64(vec![0]),
+            });
+        }
+    }
+    out
+}
+
+/// Write the model's weights to `path`: `.pth` (zip) or `.safetensors`, by extension.
+pub fn export(model: &Model, path: &Path) -> anyhow::Result<()> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("pth" | "pt") => write_atomic(path, &pth_bytes(&state_dict(model))?),
+        Some("safetensors") => write_weights(path, model),
+        _ => bail!(
+            "{}: choose the format by extension: .pth or .safetensors",
+            path.display()
+        ),
+    }
+}

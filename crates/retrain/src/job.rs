@@ -1,0 +1,76 @@
+//! What a long job (training, a comparison) needs from whoever runs it: the device to
+//! compute on, somewhere to report progress, and a way to be asked to stop. The library
+//! prints nothing itself; the `retrain` binary draws progress bars from these reports.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::prelude::Device;
+
+/// Receives a job's progress. Every method does nothing by default, so an implementation
+/// picks what it shows.
+pub trait Observer: Sync {
+    /// A result line: an epoch's metrics, a run's summary.
+    fn line(&self, _text: &str) {}
+    /// A notice about what the job is doing (a load report, resuming, skipping a regime).
+    fn notice(&self, _text: &str) {}
+    /// Something the user should know about their data or settings.
+    fn warning(&self, _text: &str) {}
+    /// A task of `total` units begins: `label` names it (`epoch 3/10`, `caching features`).
+    fn task_started(&self, _label: &str, _total: u64) {}
+    /// `done` more units of the current task, with a short status (`loss 0.41 acc 0.88`).
+    fn task_advanced(&self, _done: u64, _status: &str) {}
+    /// The current task ended.
+    fn task_finished(&self) {}
+}
+
+/// An observer that drops everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Silent;
+
+impl Observer for Silent {}
+
+/// A request to stop, shared between the job and whoever may ask (a Ctrl-C handler).
+/// Training checks it between steps, saves its last finished epoch and returns
+/// [`crate::train::Interrupted`].
+#[derive(Debug, Default, Clone)]
+pub struct Cancellation(Arc<AtomicBool>);
+
+impl Cancellation {
+    /// A token nobody has cancelled yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ask the job to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Has anyone asked?
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The device, observer and cancellation token a job runs with.
+#[derive(Clone)]
+pub struct Job<'a> {
+    /// Where tensors live (burn-flex on the CPU, or a GPU).
+    pub device: &'a Device,
+    /// Where progress goes.
+    pub observer: &'a dyn Observer,
+    /// Checked between steps.
+    pub cancellation: Cancellation,
+}
+
+impl<'a> Job<'a> {
+    /// A job on `device` that reports nothing and is never cancelled.
+    pub fn quiet(device: &'a Device) -> Self {
+        Self {
+            device,
+            observer: &Silent,
+            cancellation: Cancellation::new(),
+        }
+    }
+}

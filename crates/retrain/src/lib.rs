@@ -1,0 +1,31 @@
+//! retrain: transfer learning for image classifiers from PyTorch checkpoints, in Rust.
+//!
+//! One module per concern: [`checkpoint`] (the `retrain-checkpoint` crate) reads and writes
+//! `.pth` / `.safetensors` files, [`kernels`] (the `retrain-kernels` crate) holds the native
+//! CPU kernels, [`models`] holds the networks (PyTorch key layout, timm-like interface),
+//! [`load`] puts a checkpoint into a network and reports what it did, [`modules`] is the
+//! `named_modules()` view, [`preprocess`] decodes and transforms images, [`output`] writes
+//! files atomically, [`data`] reads image folders and augments, [`freeze`] resolves and
+//! audits freezing, [`job`] is how a caller watches and stops a long job, [`train`] runs training, [`compare`] trains several regimes and
+//! [`report`] draws them, [`evaluate`] scores a run, [`export`] writes PyTorch files and
+//! [`synth`] draws procedural datasets.
+
+pub use retrain_checkpoint as checkpoint;
+pub use retrain_kernels as kernels;
+
+pub mod compare;
+pub mod data;
+pub mod evaluate;
+pub mod export;
+pub mod freeze;
+pub mod job;
+pub mod load;
+pub mod models;
+pub mod modules;
+pub mod output;
+pub mod preprocess;
+pub mod ranges;
+pub mod report;
+pub mod resample;
+pub mod synth;
+pub mod train;
