@@ -8,7 +8,6 @@ use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig, momentum::Momentu
 use burn::prelude::*;
 use serde::Serialize;
 
-use retrain::compare::default_partial;
 use retrain::freeze::{self, FrozenBn};
 use retrain::models::{Arch, Model, ModelSpec, to_vec};
 use retrain::train::peak_memory_mib;
@@ -179,7 +178,7 @@ fn run(
         Workload::Full | Workload::Partial => {
             let mut model = spec.build(&ad);
             if workload == Workload::Partial {
-                let set = freeze::parse_spec(default_partial(arch), &spec, &model)?;
+                let set = freeze::parse_spec(&spec.family.default_partial(), &spec, &model)?;
                 model = freeze::apply(model, &set, FrozenBn::Eval);
             }
             let mut optim = sgd_momentum();

@@ -13,6 +13,7 @@ use retrain::checkpoint;
 use retrain::compare::{compare, parse_regimes, summary_markdown};
 use retrain::evaluate::{evaluate_run, expand_images, load_run, render as render_eval};
 use retrain::export::export;
+use retrain::hub::{Hub, Weights, WeightsRef};
 use retrain::job::{Cancellation, Job};
 use retrain::load::{LoadOptions, Loaded, load_pretrained, read_input};
 use retrain::models::{Arch, ModelSpec, describe, detect, to_vec};
@@ -41,10 +42,20 @@ pub struct Cli {
 enum Command {
     /// List a checkpoint's tensors and recognise its architecture.
     Inspect {
+        /// A checkpoint file, or registered weights (`resnet18.IMAGENET1K_V1`).
+        #[arg(value_name = "FILE_OR_NAME")]
         file: PathBuf,
         /// Dotted key of a nested state dict (e.g. `state_dict`).
         #[arg(long)]
         key: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the registered pretrained weights (what `--weights NAME` accepts).
+    Weights {
+        /// Only this architecture's.
+        #[arg(value_parser = arch_parser())]
+        arch: Option<Arch>,
         #[arg(long)]
         json: bool,
     },
@@ -177,8 +188,9 @@ struct CompareArgs {
 
 #[derive(Args, Debug, Clone)]
 struct WeightsArgs {
-    /// Checkpoint: `.pth` (zip or legacy) or `.safetensors`.
-    #[arg(long)]
+    /// Checkpoint: `.pth` (zip or legacy) or `.safetensors`, or registered weights by name
+    /// (`resnet50.IMAGENET1K_V2`, `resnet50` for its default; see `retrain weights`).
+    #[arg(long, value_name = "FILE_OR_NAME")]
     weights: Option<PathBuf>,
     /// Dotted key of a nested state dict (found automatically under
     /// `state_dict`, `model_state_dict`, `model`, `net`).
@@ -205,18 +217,20 @@ impl WeightsArgs {
         }
     }
 
-    /// Load the checkpoint, print the report to stderr and write it where asked.
+    /// Find and load the weights, print the report to stderr and write it where asked;
+    /// also says which registered weights they are, if any.
     fn load(
         &self,
         arch: Option<Arch>,
         num_classes: Option<usize>,
-        device: &Device,
-    ) -> anyhow::Result<Loaded> {
-        let path = self
+        job: &Job,
+    ) -> anyhow::Result<(Loaded, Option<&'static Weights>)> {
+        let text = self
             .weights
             .as_deref()
-            .context("--weights FILE is required for this command")?;
-        let loaded = load_pretrained(path, &self.options(arch, num_classes), device)?;
+            .context("--weights FILE_OR_NAME is required for this command")?;
+        let (path, registered) = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
+        let loaded = load_pretrained(&path, &self.options(arch, num_classes), job.device)?;
         eprintln!("{}", loaded.report);
         if let Some(out) = &self.load_report {
             write_atomic(
@@ -227,7 +241,7 @@ impl WeightsArgs {
         if !self.allow_non_finite {
             loaded.report.refuse_non_finite()?;
         }
-        Ok(loaded)
+        Ok((loaded, registered))
     }
 }
 
@@ -297,6 +311,7 @@ impl Session {
             device: &self.device,
             observer: &self.terminal,
             cancellation: self.cancellation.clone(),
+            hub: Hub::from_env(),
         }
     }
 }
@@ -307,21 +322,29 @@ pub fn run(invocation: Invocation) -> anyhow::Result<()> {
     let session = Session::new();
     let job = session.job();
     match cli.command {
-        Command::Inspect { file, key, json } => inspect(&file, key.as_deref(), json),
+        Command::Inspect { file, key, json } => inspect(&file, key.as_deref(), json, &job),
+        Command::Weights { arch, json } => weights_command(arch, json, &job.hub),
         Command::Modules {
             arch,
             num_classes,
             freeze,
             weights,
             json,
-        } => modules(arch, num_classes, freeze.as_deref(), &weights, json),
+        } => modules(arch, num_classes, freeze.as_deref(), &weights, json, &job),
         Command::Forward {
             arch,
             weights,
             input,
             input_tensor,
             output,
-        } => forward(arch, &weights, &input, input_tensor.as_deref(), &output),
+        } => forward(
+            arch,
+            &weights,
+            &input,
+            input_tensor.as_deref(),
+            &output,
+            &job,
+        ),
         Command::Predict {
             run,
             arch,
@@ -329,7 +352,7 @@ pub fn run(invocation: Invocation) -> anyhow::Result<()> {
             top_k,
             json,
             images,
-        } => predict(run.as_deref(), arch, &weights, top_k, json, &images),
+        } => predict(run.as_deref(), arch, &weights, top_k, json, &images, &job),
         Command::Compare(args) => compare_command(*args, &job),
         Command::Eval {
             run,
@@ -337,7 +360,7 @@ pub fn run(invocation: Invocation) -> anyhow::Result<()> {
             batch_size,
             json,
         } => eval_command(&run, data.as_deref(), batch_size, json, job.device),
-        Command::Export { run, out } => export_command(&run, &out),
+        Command::Export { run, out } => export_command(&run, &out, job.device),
         Command::Demo { out } => crate::demo::demo(&out, &job),
         Command::Bench(args) => crate::bench::command(&args, job.device),
         Command::Train(args) => train_command(*args, &matches, &job),
@@ -360,16 +383,23 @@ fn compare_command(args: CompareArgs, job: &Job) -> anyhow::Result<()> {
         retrain,
     } = args;
     let options = flags.options(epochs);
-    let arch = match (options.arch, &options.weights) {
-        (Some(a), _) => a,
-        (None, Some(w)) => {
-            detect(&checkpoint::read_layout(w, options.key.as_deref())?)
-                .context("cannot tell the architecture from --weights; pass --arch")?
-                .arch
+    // `partial` freezes the lower part of the network the weights hold.
+    let detected = match &options.weights {
+        Some(text) => {
+            let (path, _) = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
+            detect(&checkpoint::read_layout(&path, options.key.as_deref())?)
+        }
+        None => None,
+    };
+    let spec = match (detected, options.arch) {
+        (Some(spec), _) => spec,
+        (None, Some(arch)) => ModelSpec::new(arch, 1000),
+        (None, None) if options.weights.is_some() => {
+            anyhow::bail!("cannot tell the architecture from --weights; pass --arch")
         }
         (None, None) => anyhow::bail!("pass --weights (and optionally --arch)"),
     };
-    let regimes = parse_regimes(&regimes, arch)?;
+    let regimes = parse_regimes(&regimes, &spec.family.default_partial())?;
     let summary = compare(&options, &regimes, &out, retrain, job)?;
     println!("\n{}", summary_markdown(&summary));
     println!("figure: {}", out.join("curves.png").display());
@@ -397,8 +427,36 @@ fn eval_command(
     Ok(())
 }
 
-fn export_command(run: &Path, out: &Path) -> anyhow::Result<()> {
-    let (model, config) = load_run(run, &device())?;
+fn weights_command(arch: Option<Arch>, json: bool, hub: &Hub) -> anyhow::Result<()> {
+    let entries = retrain::hub::listing(arch, hub);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    println!(
+        "{:<42} {:>6}  {:<18} {:<6} file",
+        "name", "acc@1", "resize/crop", "cached"
+    );
+    for e in &entries {
+        let p = &e.preprocess;
+        let name = if e.default {
+            format!("{} (default)", e.name)
+        } else {
+            e.name.clone()
+        };
+        println!(
+            "{name:<42} {:>6}  {:<18} {:<6} {}",
+            e.acc1.map_or("-".into(), |a| format!("{a:.3}")),
+            format!("{}/{} {:?}", p.resize_size, p.input_size, p.interpolation).to_lowercase(),
+            if e.cached { "yes" } else { "no" },
+            e.file
+        );
+    }
+    Ok(())
+}
+
+fn export_command(run: &Path, out: &Path, device: &Device) -> anyhow::Result<()> {
+    let (model, config) = load_run(run, device)?;
     export(&model, out)?;
     println!(
         "wrote {} ({} with {} classes, PyTorch names)",
@@ -461,7 +519,9 @@ struct InspectOutput<'a> {
     head: Option<HeadInfo>,
 }
 
-fn inspect(file: &Path, key: Option<&str>, json: bool) -> anyhow::Result<()> {
+fn inspect(text: &Path, key: Option<&str>, json: bool, job: &Job) -> anyhow::Result<()> {
+    let (file, _) = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
+    let file = file.as_path();
     let sd = checkpoint::read_layout(file, key)?;
     let detected = detect(&sd);
     let out = InspectOutput {
@@ -512,24 +572,24 @@ fn modules(
     freeze: Option<&str>,
     weights: &WeightsArgs,
     json: bool,
+    job: &Job,
 ) -> anyhow::Result<()> {
-    let device = device();
     let (model, spec) = match &weights.weights {
         Some(_) => {
-            let loaded = weights.load(arch, num_classes, &device)?;
+            let (loaded, _) = weights.load(arch, num_classes, job)?;
             (loaded.model, loaded.spec)
         }
         None => {
             let arch = arch.context("pass --arch (or --weights to detect it)")?;
             let spec = ModelSpec::new(arch, num_classes.unwrap_or(1000));
-            (spec.build(&device), spec)
+            (spec.build(job.device), spec)
         }
     };
     let frozen = match freeze {
         Some(spec_text) => retrain::freeze::parse_spec(spec_text, &spec, &model)?,
         None => retrain::freeze::FreezeSet::none(),
     };
-    let list = named_modules(&model, &root_type(&spec), &|name| frozen.contains(name));
+    let list = named_modules(&model, spec.torch_class(), &|name| frozen.contains(name));
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {
@@ -538,26 +598,17 @@ fn modules(
     Ok(())
 }
 
-fn root_type(spec: &ModelSpec) -> String {
-    match spec.arch {
-        Arch::MobileNetV2 => "MobileNetV2",
-        Arch::ResNet18 | Arch::ResNet34 | Arch::ResNet50 => "ResNet",
-        Arch::EfficientNetLite0 => "EfficientNet",
-    }
-    .to_string()
-}
-
 fn forward(
     arch: Option<Arch>,
     weights: &WeightsArgs,
     input: &Path,
     input_tensor: Option<&str>,
     output: &Path,
+    job: &Job,
 ) -> anyhow::Result<()> {
-    let device = device();
-    let model = weights.load(arch, None, &device)?.model.for_inference();
+    let model = weights.load(arch, None, job)?.0.model.for_inference();
     let (data, dims) = read_input(input, input_tensor)?;
-    let x = Tensor::<4>::from_data(TensorData::new(data, dims), &device);
+    let x = Tensor::<4>::from_data(TensorData::new(data, dims), job.device);
     let embedding = model.embed(x);
     let logits = model.forward_head(embedding.clone());
     let to_entry = |name: &str, t: Tensor<2>| -> anyhow::Result<(String, Vec<usize>, Vec<f32>)> {
@@ -595,11 +646,12 @@ fn predict(
     top_k: usize,
     json: bool,
     images: &[PathBuf],
+    job: &Job,
 ) -> anyhow::Result<()> {
-    let device = device();
+    let device = job.device;
     let (model, preprocess, class_names) = match run {
         Some(run) => {
-            let (model, config) = load_run(run, &device)?;
+            let (model, config) = load_run(run, device)?;
             (
                 model.for_inference(),
                 config.preprocess,
@@ -607,8 +659,8 @@ fn predict(
             )
         }
         None => {
-            let loaded = weights.load(arch, None, &device)?;
-            let config = loaded.spec.pretrained_config();
+            let (loaded, registered) = weights.load(arch, None, job)?;
+            let config = loaded.spec.pretrained_config(registered);
             (
                 loaded.model.for_inference(),
                 config.preprocess,
@@ -650,7 +702,7 @@ fn predict(
         }
         let n = loaded.len();
         let pixels: Vec<f32> = loaded.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-        let x = Tensor::<4>::from_data(TensorData::new(pixels, [n, 3, size, size]), &device);
+        let x = Tensor::<4>::from_data(TensorData::new(pixels, [n, 3, size, size]), device);
         let probs = to_vec(softmax(model.forward(x), 1))?;
         for ((path, _), probs) in loaded.iter().zip(probs.chunks(probs.len() / n)) {
             let mut order: Vec<usize> = (0..probs.len()).collect();

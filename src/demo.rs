@@ -9,7 +9,7 @@ use retrain::compare::{compare, parse_regimes};
 use retrain::evaluate::load_run;
 use retrain::export::export;
 use retrain::job::Job;
-use retrain::models::Arch;
+use retrain::models::{Arch, ModelSpec};
 use retrain::output::read_json;
 use retrain::synth::{Kind, write_dataset};
 use retrain::train::{Existing, TrainOptions, holds_run, resume, train};
@@ -53,7 +53,7 @@ pub fn demo(out: &Path, job: &Job) -> anyhow::Result<()> {
     if !checkpoint.exists() {
         println!("== pretraining resnet18 (width 16) on the source dataset");
         let mut pre = options(&source, 10);
-        pre.arch = Some(Arch::ResNet18);
+        pre.arch = Arch::named("resnet18");
         pre.scratch = true;
         pre.width = Some(0.25);
         let run = out.join("pretrain");
@@ -73,7 +73,10 @@ pub fn demo(out: &Path, job: &Job) -> anyhow::Result<()> {
     // The comparison on the target, from that checkpoint.
     let mut base = options(&target, 10);
     base.weights = Some(checkpoint);
-    let regimes = parse_regimes("head,partial,full,scratch", Arch::ResNet18)?;
+    let partial = ModelSpec::new(Arch::named("resnet18").expect("registered"), 4)
+        .family
+        .default_partial();
+    let regimes = parse_regimes("head,partial,full,scratch", &partial)?;
     let comparison = out.join("compare");
     let summary = compare(&base, &regimes, &comparison, false, job)?;
     println!("\n{}", retrain::compare::summary_markdown(&summary));

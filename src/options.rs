@@ -29,7 +29,8 @@ where
 
 /// `--arch`: a registered architecture name.
 pub fn arch() -> impl TypedValueParser<Value = Arch> {
-    choice(&Arch::ALL)
+    let names: Vec<&str> = Arch::all().into_iter().map(Arch::name).collect();
+    PossibleValuesParser::new(names).map(|name| Arch::named(&name).expect("a listed name"))
 }
 
 fn defaults() -> TrainOptions {
@@ -42,7 +43,8 @@ pub struct TrainFlags {
     /// Architecture (detected from --weights when left out).
     #[arg(long, value_parser = arch())]
     pub arch: Option<Arch>,
-    /// Pretrained checkpoint.
+    /// Pretrained weights: a checkpoint file, or a registered name (`resnet50.IMAGENET1K_V2`,
+    /// `resnet50` for its default; `retrain weights` lists them).
     #[arg(long, conflicts_with = "scratch")]
     pub weights: Option<PathBuf>,
     /// Train from random init (no weights).

@@ -197,7 +197,7 @@ fn freeze_audit_catches_a_tensor_that_was_not_really_frozen() {
     use retrain::models::{Arch, ModelSpec};
 
     let device = Device::flex().autodiff();
-    let spec = ModelSpec::new(Arch::ResNet18, 3);
+    let spec = ModelSpec::new(Arch::named("resnet18").unwrap(), 3);
     let model = spec.build(&device);
     let set = freeze::parse_spec("layer1", &spec, &model).unwrap();
     let before = freeze::checksums(&model, &set, FrozenBn::Eval);

@@ -6,9 +6,9 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Split, first_ten, sha256_file};
+use crate::data::{Split, first_ten};
+use crate::hub::{WeightsRef, sha256_of};
 use crate::job::Job;
-use crate::models::Arch;
 use crate::output::{read_json, write_atomic, write_json};
 use crate::report::{Curves, plot_curves, regime_color};
 use crate::train::{
@@ -25,17 +25,10 @@ pub struct Regime {
     pub scratch: bool,
 }
 
-/// The lower part of each architecture that `partial` freezes by default.
-pub fn default_partial(arch: Arch) -> &'static str {
-    match arch {
-        Arch::MobileNetV2 => "features.0-13",
-        Arch::ResNet18 | Arch::ResNet34 | Arch::ResNet50 => "conv1,bn1,layer1,layer2",
-        Arch::EfficientNetLite0 => "_conv_stem,_bn0,_blocks.0-7",
-    }
-}
-
-/// Parse `--regimes head,partial,full,scratch` (`partial:SPEC` sets the partial spec).
-pub fn parse_regimes(list: &str, arch: Arch) -> anyhow::Result<Vec<Regime>> {
+/// Parse `--regimes head,partial,full,scratch` (`partial:SPEC` sets the partial spec;
+/// plain `partial` freezes `default_partial`, the family's, see
+/// [`crate::models::Variant::default_partial`]).
+pub fn parse_regimes(list: &str, default_partial: &str) -> anyhow::Result<Vec<Regime>> {
     let mut out = Vec::new();
     // A `partial:SPEC` may itself contain commas (`partial:conv1,bn1`); items that are not a
     // regime name continue the spec before them.
@@ -58,7 +51,7 @@ pub fn parse_regimes(list: &str, arch: Arch) -> anyhow::Result<Vec<Regime>> {
             },
             "partial" => Regime {
                 name: "partial".into(),
-                freeze: default_partial(arch).into(),
+                freeze: default_partial.into(),
                 scratch: false,
             },
             other if other.starts_with("partial:") => Regime {
@@ -68,7 +61,7 @@ pub fn parse_regimes(list: &str, arch: Arch) -> anyhow::Result<Vec<Regime>> {
             },
             other => match out.last_mut() {
                 Some(Regime { name, freeze, .. })
-                    if name == "partial" && freeze != default_partial(arch) =>
+                    if name == "partial" && freeze != default_partial =>
                 {
                     freeze.push(',');
                     freeze.push_str(other);
@@ -148,7 +141,13 @@ pub fn compare(
     }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     write_json(&split_path, &split)?;
-    let weights_sha256 = base.weights.as_deref().map(sha256_file).transpose()?;
+    let weights_sha256 = match &base.weights {
+        Some(text) => {
+            let (path, _) = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
+            Some(sha256_of(&path)?)
+        }
+        None => None,
+    };
     let mut runs: Vec<(Regime, RunSummary, Vec<EpochMetrics>)> = Vec::new();
     let mut arch = base.arch;
     for regime in regimes {

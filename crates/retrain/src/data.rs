@@ -216,16 +216,6 @@ fn scan_classes(root: &Path, dir: &Path, warnings: &mut Vec<String>) -> anyhow::
     Ok(classes)
 }
 
-/// SHA-256 of a file's content, read in a stream (checkpoints are large).
-pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    Ok(format!("{:x}", hasher.finalize()))
-}
-
 fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }

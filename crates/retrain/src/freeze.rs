@@ -33,11 +33,14 @@ impl FrozenBn {
 /// A resolved freeze spec: module-name prefixes whose tensors are frozen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FreezeSet {
+    /// The spec as given.
     pub spec: String,
+    /// Module-name prefixes it resolved to.
     pub prefixes: Vec<String>,
 }
 
 impl FreezeSet {
+    /// Nothing frozen.
     pub fn none() -> Self {
         Self {
             spec: "none".into(),
@@ -77,12 +80,23 @@ fn model_tensor_names(model: &Model) -> Vec<String> {
         .collect()
 }
 
-/// Parse `--freeze`: `none`, `backbone`, a comma list of module-name prefixes
-/// (`features.0,features.1`), or index ranges in a sequential container (`features.0-13`).
+/// Parse `--freeze`: `none`, `backbone` (all but the head), `partial` (the family's lower
+/// part, as `compare` freezes it), or a comma list of the family's group names (`stem`,
+/// `layer1`, `stage3`; see [`crate::models::Variant::freeze_groups`]), module-name prefixes
+/// (`features.0,features.1`) and index ranges in a sequential container (`features.0-13`).
 pub fn parse_spec(spec: &str, model_spec: &ModelSpec, model: &Model) -> anyhow::Result<FreezeSet> {
+    let groups = model_spec.family.freeze_groups();
+    let partial;
+    let spec_text = match spec.trim() {
+        "partial" => {
+            partial = model_spec.family.default_partial();
+            partial.as_str()
+        }
+        other => other,
+    };
     let modules = named_modules(model, "", &|_| false);
     let names: Vec<&str> = modules.iter().map(|m| m.name.as_str()).collect();
-    let prefixes = match spec.trim() {
+    let prefixes = match spec_text {
         "none" | "" => Vec::new(),
         "backbone" => {
             // Every module that holds tensors, except the head.
@@ -96,6 +110,10 @@ pub fn parse_spec(spec: &str, model_spec: &ModelSpec, model: &Model) -> anyhow::
         list => {
             let mut out = Vec::new();
             for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                if let Some(group) = groups.iter().find(|g| g.name == item) {
+                    out.extend(group.modules.iter().cloned());
+                    continue;
+                }
                 for prefix in expand_range(item, &names)? {
                     if !names.contains(&prefix.as_str()) {
                         let top: Vec<&str> = modules
@@ -103,10 +121,13 @@ pub fn parse_spec(spec: &str, model_spec: &ModelSpec, model: &Model) -> anyhow::
                             .filter(|m| m.depth == 1)
                             .map(|m| m.name.as_str())
                             .collect();
+                        let group_names: Vec<&str> =
+                            groups.iter().map(|g| g.name.as_str()).collect();
                         bail!(
-                            "--freeze: '{prefix}' names no module of {}; top-level modules: {}",
+                            "--freeze: '{prefix}' names no module of {}; top-level modules: {}; groups: {}",
                             model_spec.arch,
-                            top.join(", ")
+                            top.join(", "),
+                            group_names.join(", ")
                         );
                     }
                     out.push(prefix);

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::prelude::Device;
 
+use crate::hub::Hub;
+
 /// Receives a job's progress. Every method does nothing by default, so an implementation
 /// picks what it shows.
 pub trait Observer: Sync {
@@ -53,7 +55,7 @@ impl Cancellation {
     }
 }
 
-/// The device, observer and cancellation token a job runs with.
+/// The device, observer, cancellation token and weights hub a job runs with.
 #[derive(Clone)]
 pub struct Job<'a> {
     /// Where tensors live (burn-flex on the CPU, or a GPU).
@@ -62,15 +64,19 @@ pub struct Job<'a> {
     pub observer: &'a dyn Observer,
     /// Checked between steps.
     pub cancellation: Cancellation,
+    /// Where weights named like `resnet50.IMAGENET1K_V2` are found.
+    pub hub: Hub,
 }
 
 impl<'a> Job<'a> {
-    /// A job on `device` that reports nothing and is never cancelled.
+    /// A job on `device` that reports nothing, is never cancelled, and finds weights in
+    /// the environment's caches ([`Hub::from_env`]).
     pub fn quiet(device: &'a Device) -> Self {
         Self {
             device,
             observer: &Silent,
             cancellation: Cancellation::new(),
+            hub: Hub::from_env(),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod data;
 pub mod evaluate;
 pub mod export;
 pub mod freeze;
+pub mod hub;
 pub mod job;
 pub mod load;
 pub mod models;

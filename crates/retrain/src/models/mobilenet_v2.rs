@@ -3,10 +3,14 @@
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use super::batch_norm::BatchNorm;
-use super::layers::{ConvSpec, Layer, conv_bn_act, dropout, global_avg_pool, head, relu6};
+use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
+use super::layers::{ConvSpec, Layer, conv_bn_act, dropout, head, relu6};
 use super::layers::{fold_sequential, sequential};
+use crate::checkpoint::StateDict;
+use crate::hub::{Weights, torchvision};
 
 /// (expansion t, output channels c, repeats n, first stride s), torchvision's table.
 const SETTINGS: [(usize, usize, usize, usize); 7] = [
@@ -38,6 +42,31 @@ pub fn feature_dim(width: f64) -> usize {
 pub fn width_from_channels(last_block_out: usize) -> f64 {
     last_block_out as f64 / 320.0
 }
+
+/// A MobileNetV2's width multiplier (torchvision's `width_mult`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Width {
+    /// Channels are this multiple of the standard ones, rounded by [`make_divisible`].
+    pub width: f64,
+}
+
+const WEIGHTS: &[Weights] = &[
+    torchvision::weights(
+        "mobilenet_v2",
+        "IMAGENET1K_V1",
+        "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+        71.878,
+        torchvision::preprocess(224, 256),
+    ),
+    torchvision::weights(
+        "mobilenet_v2",
+        "IMAGENET1K_V2",
+        "https://download.pytorch.org/models/mobilenet_v2-7ebf99e0.pth",
+        72.154,
+        torchvision::preprocess(224, 232),
+    )
+    .default(),
+];
 
 #[derive(Module, Debug)]
 pub struct InvertedResidual {
@@ -87,6 +116,7 @@ pub struct MobileNetV2 {
 }
 
 impl MobileNetV2 {
+    /// A network of this width with `num_classes` outputs.
     pub fn new(width: f64, num_classes: usize, device: &Device) -> Self {
         let mut cin = make_divisible(32.0 * width, 8);
         let mut features = vec![Feature::Conv2dNormActivation(conv_bn_act(
@@ -119,38 +149,110 @@ impl MobileNetV2 {
             classifier,
         }
     }
+}
 
-    pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
-        self.features.iter().fold(x, |x, f| match f {
-            Feature::Conv2dNormActivation(layers) => sequential(layers, x),
-            Feature::InvertedResidual(block) => block.forward(x),
+impl Family for MobileNetV2 {
+    type Variant = Width;
+    const TORCH_CLASS: &'static str = "MobileNetV2";
+    const ARCHITECTURES: &'static [Architecture<Width>] = &[Architecture {
+        name: "mobilenet_v2",
+        variant: Width { width: 1.0 },
+        weights: WEIGHTS,
+    }];
+    const HEAD: [&'static str; 2] = ["classifier.1.weight", "classifier.1.bias"];
+
+    fn build(variant: &Width, num_classes: usize, device: &Device) -> Self {
+        Self::new(variant.width, num_classes, device)
+    }
+
+    fn detect(sd: &StateDict) -> Option<Detected<Width>> {
+        sd.get("features.1.conv.0.0.weight")?;
+        let last = sd
+            .get("features.17.conv.2.weight")?
+            .shape
+            .first()
+            .copied()?;
+        Some(Detected {
+            arch: "mobilenet_v2",
+            variant: Width {
+                width: width_from_channels(last),
+            },
+            num_classes: head_outputs(sd, Self::HEAD[0]),
         })
     }
 
-    /// Fold BatchNorm into the convolutions (inference only).
-    pub fn fold_batchnorm(&mut self) {
-        for f in &mut self.features {
-            match f {
-                Feature::Conv2dNormActivation(layers) => fold_sequential(layers),
-                Feature::InvertedResidual(block) => fold_sequential(&mut block.conv),
-            }
-        }
+    fn feature_dim(variant: &Width) -> usize {
+        feature_dim(variant.width)
     }
 
-    /// The classifier's Linear layer (`classifier.1`).
-    pub fn head(&self) -> &Linear {
+    /// `features.0` is the stem; the inverted-residual blocks form the seven stages of
+    /// torchvision's table; `features.18` is the last 1x1 convolution.
+    fn freeze_groups(_variant: &Width) -> Vec<FreezeGroup> {
+        let mut groups = vec![FreezeGroup::new("stem", &["features.0"])];
+        let mut first = 1;
+        for (i, (_, _, repeats, _)) in SETTINGS.iter().enumerate() {
+            let blocks: Vec<String> = (first..first + repeats)
+                .map(|b| format!("features.{b}"))
+                .collect();
+            let blocks: Vec<&str> = blocks.iter().map(String::as_str).collect();
+            groups.push(FreezeGroup::new(format!("stage{}", i + 1), &blocks));
+            first += repeats;
+        }
+        groups.push(FreezeGroup::new(
+            "conv_head",
+            &[format!("features.{first}").as_str()],
+        ));
+        groups.push(FreezeGroup::new("head", &["classifier"]));
+        groups
+    }
+
+    /// The stem and the first five stages (torchvision's `features.0-13`).
+    fn default_partial(_variant: &Width) -> String {
+        "features.0-13".into()
+    }
+
+    fn width(variant: &Width) -> Option<f64> {
+        Some(variant.width)
+    }
+
+    fn with_width(_variant: &Width, width: f64) -> Width {
+        Width { width }
+    }
+
+    fn distinction(variant: &Width) -> Option<String> {
+        (variant.width != 1.0).then(|| format!("width {}", variant.width))
+    }
+
+    fn head(&self) -> &Linear {
         match &self.classifier[1] {
             Layer::Linear(linear) => linear,
             other => unreachable!("classifier.1 is Linear, found {other:?}"),
         }
     }
 
-    pub fn forward_head(&self, pooled: Tensor<2>) -> Tensor<2> {
+    fn reset_classifier(&mut self, num_classes: usize, device: &Device) {
+        let features = self.head().weight.dims()[0];
+        self.classifier[1] = Layer::Linear(head(features, num_classes, device));
+    }
+
+    fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
+        self.features.iter().fold(x, |x, f| match f {
+            Feature::Conv2dNormActivation(layers) => sequential(layers, x),
+            Feature::InvertedResidual(block) => block.forward(x),
+        })
+    }
+
+    fn forward_head(&self, pooled: Tensor<2>) -> Tensor<2> {
         self.classifier.iter().fold(pooled, |x, l| l.forward_2d(x))
     }
 
-    pub fn embed(&self, x: Tensor<4>) -> Tensor<2> {
-        global_avg_pool(self.forward_features(x))
+    fn fold_batchnorm(&mut self) {
+        for f in &mut self.features {
+            match f {
+                Feature::Conv2dNormActivation(layers) => fold_sequential(layers),
+                Feature::InvertedResidual(block) => fold_sequential(&mut block.conv),
+            }
+        }
     }
 }
 

