@@ -4,9 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 use clap::{Args, Parser, Subcommand};
-use rayon::prelude::*;
 use serde::Serialize;
 
 use retrain::checkpoint;
@@ -19,6 +17,7 @@ use retrain::load::{LoadOptions, Loaded, load_pretrained, read_input};
 use retrain::models::{Arch, ModelSpec, describe, detect, to_vec};
 use retrain::modules::{group, named_modules, render};
 use retrain::output::{read_json, write_atomic, write_json, write_safetensors};
+use retrain::predict::{Classifier, TopClass};
 use retrain::ranges;
 use retrain::report::plot_confusion;
 use retrain::synth;
@@ -626,17 +625,11 @@ fn forward(
     Ok(())
 }
 
+/// One image's line of `predict --json`.
 #[derive(Serialize)]
-struct Prediction {
+struct PredictionJson<'a> {
     image: String,
-    top: Vec<TopClass>,
-}
-
-#[derive(Serialize)]
-struct TopClass {
-    index: usize,
-    label: String,
-    prob: f32,
+    top: &'a [TopClass],
 }
 
 fn predict(
@@ -648,93 +641,44 @@ fn predict(
     images: &[PathBuf],
     job: &Job,
 ) -> anyhow::Result<()> {
-    let device = job.device;
-    let (model, preprocess, class_names) = match run {
-        Some(run) => {
-            let (model, config) = load_run(run, device)?;
-            (
-                model.for_inference(),
-                config.preprocess,
-                Some(config.classes),
-            )
-        }
+    let classifier = match run {
+        Some(run) => Classifier::from_run(run, job.device)?,
         None => {
             let (loaded, registered) = weights.load(arch, None, job)?;
             let config = loaded.spec.pretrained_config(registered);
-            (
-                loaded.model.for_inference(),
-                config.preprocess,
-                config.class_names,
-            )
+            Classifier::new(&loaded.model, config, job.device)
         }
     };
-    let size = preprocess.input_size;
-    let mut predictions = Vec::new();
     let (paths, warnings) = expand_images(images)?;
     for warning in warnings {
         eprintln!("warning: {warning}");
     }
-    let mut failed = 0;
-    // Batches of images, decoded in parallel; a file that cannot be read is reported and
-    // the others are still classified.
-    for chunk in paths.chunks(16) {
-        let loaded: Vec<(&PathBuf, Vec<f32>)> = chunk
-            .par_iter()
-            .map(|p| (p, preprocess.load(p)))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .filter_map(|(p, result)| match result {
-                Ok((pixels, warning)) => {
-                    if let Some(w) = warning {
-                        eprintln!("warning: {w}");
-                    }
-                    Some((p, pixels))
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    failed += 1;
-                    None
-                }
-            })
-            .collect();
-        if loaded.is_empty() {
-            continue;
+    // A file that cannot be read is reported and the others are still classified.
+    let predictions = classifier.classify(&paths, top_k)?;
+    let mut classified = Vec::new();
+    for p in &predictions {
+        if let Some(w) = &p.warning {
+            eprintln!("warning: {w}");
         }
-        let n = loaded.len();
-        let pixels: Vec<f32> = loaded.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-        let x = Tensor::<4>::from_data(TensorData::new(pixels, [n, 3, size, size]), device);
-        let probs = to_vec(softmax(model.forward(x), 1))?;
-        for ((path, _), probs) in loaded.iter().zip(probs.chunks(probs.len() / n)) {
-            let mut order: Vec<usize> = (0..probs.len()).collect();
-            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-            let top = order
-                .into_iter()
-                .take(top_k)
-                .map(|index| TopClass {
-                    index,
-                    label: class_names
-                        .as_ref()
-                        .and_then(|n| n.get(index).cloned())
-                        .unwrap_or_else(|| format!("class {index}")),
-                    prob: probs[index],
-                })
-                .collect();
-            predictions.push(Prediction {
-                image: path.display().to_string(),
+        match &p.top {
+            Ok(top) => classified.push(PredictionJson {
+                image: p.image.display().to_string(),
                 top,
-            });
+            }),
+            Err(e) => eprintln!("error: {e:#}"),
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&predictions)?);
+        println!("{}", serde_json::to_string_pretty(&classified)?);
     } else {
-        for p in &predictions {
+        for p in &classified {
             println!("{}", p.image);
-            for t in &p.top {
+            for t in p.top {
                 println!("  {:>6.2}%  {} ({})", t.prob * 100.0, t.label, t.index);
             }
         }
     }
+    let failed = predictions.len() - classified.len();
     if failed > 0 {
         anyhow::bail!("{failed} of {} image(s) could not be read", paths.len());
     }

@@ -7,6 +7,8 @@
 //! refuses any pickle that names a global outside the allowlist of
 //! `torch.load(weights_only=True)`. [`write`] serialises state dicts the other way.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
@@ -22,11 +24,14 @@ pub mod write;
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {problem}", path.display())]
 pub struct CheckpointError {
+    /// The checkpoint file.
     pub path: PathBuf,
+    /// What is wrong with it, as a phrase that follows the path.
     pub problem: String,
 }
 
 impl CheckpointError {
+    /// An error about the file at `path`.
     pub fn new(path: &Path, problem: impl Into<String>) -> Self {
         Self {
             path: path.to_path_buf(),
@@ -43,6 +48,7 @@ pub enum Format {
     Zip,
     /// `torch.save(..., _use_new_zipfile_serialization=False)` and PyTorch before 1.6.
     Legacy,
+    /// A `.safetensors` file: a JSON header, then the raw tensor bytes.
     Safetensors,
 }
 
@@ -61,15 +67,20 @@ impl fmt::Display for Format {
 pub struct StoredTensor {
     /// The dtype as stored (`float32`, `float16`, `int64`, ...), for reports.
     pub dtype: &'static str,
+    /// Dimensions, outermost first, as `tensor.shape` in PyTorch.
     pub shape: Vec<usize>,
+    /// The elements in row-major order; empty when read by [`read_layout`].
     pub data: Vec<f32>,
 }
 
 impl StoredTensor {
+    /// The number of elements, the product of the shape (`numel()`).
     pub fn num_elements(&self) -> usize {
         self.shape.iter().product()
     }
 
+    /// Whether the stored dtype is floating point (parameters and float buffers, not
+    /// integer buffers such as `num_batches_tracked`).
     pub fn is_float(&self) -> bool {
         self.dtype.starts_with("float") || self.dtype == "bfloat16"
     }
@@ -79,8 +90,11 @@ impl StoredTensor {
 /// (`features.2` before `features.10`).
 #[derive(Debug, Clone)]
 pub struct StateDict {
+    /// The container the file came in.
     pub format: Format,
+    /// The file it was read from.
     pub path: PathBuf,
+    /// The tensors by PyTorch key, any nesting key and `module.` prefix removed.
     pub tensors: BTreeMap<NaturalKey, StoredTensor>,
 }
 
@@ -112,22 +126,27 @@ impl PartialOrd for NaturalKey {
 }
 
 impl StateDict {
+    /// The tensor stored under the PyTorch key `key`.
     pub fn get(&self, key: &str) -> Option<&StoredTensor> {
         self.tensors.get(&NaturalKey(key.to_string()))
     }
 
+    /// The PyTorch keys in natural order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(|k| k.0.as_str())
     }
 
+    /// Keys and tensors in natural order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &StoredTensor)> {
         self.tensors.iter().map(|(k, v)| (k.0.as_str(), v))
     }
 
+    /// The number of tensors.
     pub fn len(&self) -> usize {
         self.tensors.len()
     }
 
+    /// Whether it holds no tensors (never true of one returned by [`read`]).
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }

@@ -157,14 +157,18 @@ pub fn is_allowed(global: &str) -> bool {
 /// Why a pickle is refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PickleError {
+    /// A `torch.save(model)` pickle: it names a model class (`__main__`, `torch.nn.modules`,
+    /// `torchvision.models`), given as `module.name`.
     #[error(
         "this is a whole pickled model (torch.save(model)) naming the class '{0}', which weights_only loading refuses; save model.state_dict() instead"
     )]
     WholeModel(String),
+    /// Any other global outside the `weights_only` allowlist, given as `module.name`.
     #[error(
         "the pickle references the global '{0}', which torch.load(weights_only=True) does not allow"
     )]
     Global(String),
+    /// Not a well-formed pickle: the byte offset and what is wrong there.
     #[error("the pickle is malformed at byte {0}: {1}")]
     Malformed(usize, String),
 }

@@ -8,6 +8,8 @@
 //! those fall back to burn's own operations. Every kernel is checked against burn's generic
 //! implementation, forward and gradients, in this module's tests.
 
+#![warn(missing_docs)]
+
 mod cpu;
 
 use burn::backend::TensorMetadata;
@@ -83,8 +85,11 @@ pub trait Kernels: Backend {
 /// dispatch boundary, which needs `ExtensionType`.
 #[derive(ExtensionType)]
 pub struct BatchNormStats<B: Backend> {
+    /// The normalised input, scaled by `gamma` and shifted by `beta`, shaped like `x`.
     pub output: FloatTensor<B>,
+    /// Batch mean per channel, shape `[C]`.
     pub mean: FloatTensor<B>,
+    /// Biased batch variance per channel, shape `[C]`.
     pub variance: FloatTensor<B>,
 }
 

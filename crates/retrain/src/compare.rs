@@ -22,6 +22,7 @@ pub struct Regime {
     pub name: String,
     /// Freeze spec it trains with.
     pub freeze: String,
+    /// Train from random initialisation instead of the pretrained weights.
     pub scratch: bool,
 }
 
@@ -86,25 +87,40 @@ pub fn parse_regimes(list: &str, default_partial: &str) -> anyhow::Result<Vec<Re
 /// One row of the summary table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegimeResult {
+    /// Regime name (`head`, `partial`, `full`, `scratch`).
     pub regime: String,
+    /// Freeze spec it trained with.
     pub freeze: String,
+    /// Best validation top-1 over its epochs, as a fraction.
     pub best_top1: f64,
+    /// Epoch (1-based) of that best.
     pub best_epoch: usize,
     /// First epoch at which validation top-1 reached 95% of the best regime's best.
     pub epochs_to_95: Option<usize>,
+    /// Parameters the optimiser updated.
     pub trainable_params: usize,
+    /// Wall-clock seconds of training, setup included (a resume counts only itself).
     pub wall_seconds: f64,
+    /// Training images per second, averaged over epochs.
     pub train_images_per_second: f64,
+    /// Peak resident memory of the process while it trained, in MiB.
     pub peak_memory_mib: f64,
+    /// Whether every frozen tensor came out of training unchanged.
     pub freeze_audit_passed: bool,
 }
 
+/// `summary.json` of a comparison: what was compared, one row per regime, and the verdict.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ComparisonSummary {
+    /// Architecture name, as in the runs' summaries.
     pub architecture: String,
+    /// Name of the data folder.
     pub dataset: String,
+    /// Epochs every regime trained for.
     pub epochs: usize,
+    /// One row per regime, in the order given.
     pub regimes: Vec<RegimeResult>,
+    /// What the numbers support, in one sentence ([`conclusion()`]).
     pub conclusion: String,
 }
 
@@ -396,6 +412,7 @@ pub fn conclusion(results: &[RegimeResult], epochs: usize) -> String {
     }
 }
 
+/// `summary.md`: the table of regimes, the conclusion and the curves.
 pub fn summary_markdown(s: &ComparisonSummary) -> String {
     let mut md = format!(
         "# {} on {}: {} epochs per regime\n\n| regime | freeze | best val top-1 | at epoch | epochs to 95% of best | trainable params | wall time | train img/s | peak memory | freeze audit |\n|---|---|---|---|---|---|---|---|---|---|\n",

@@ -23,9 +23,12 @@ const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "webp", "gif",
 /// One image of the split: path relative to the data folder, class index, content hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
+    /// Path relative to the data folder.
     #[serde(with = "os_path")]
     pub path: PathBuf,
+    /// Class index into [`Split::classes`].
     pub label: usize,
+    /// SHA-256 of the file's bytes, in hex, to tell when it changes.
     pub sha256: String,
 }
 
@@ -33,8 +36,11 @@ pub struct Entry {
 /// regime of a comparison.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Split {
+    /// Class names (the folder names), sorted; a label is an index into them.
     pub classes: Vec<String>,
+    /// Training images.
     pub train: Vec<Entry>,
+    /// Validation images.
     pub val: Vec<Entry>,
     /// Images whose content appears in both train and val.
     pub leaked: Vec<String>,
@@ -110,7 +116,9 @@ fn is_hidden(path: &Path) -> bool {
 /// Image files found below a folder, and what was passed over and why.
 #[derive(Debug, Default)]
 pub struct Found {
+    /// Image files, sorted, as paths below the walked folder.
     pub files: Vec<PathBuf>,
+    /// What was passed over and why, one line each.
     pub warnings: Vec<String>,
 }
 
@@ -396,8 +404,11 @@ pub fn first_ten(items: &[String]) -> String {
 /// Decoded images held in memory, downscaled once so the shorter side is at most `presize`
 /// (fastai's "presizing"): later epochs and regimes never decode again.
 pub struct ImageSet {
+    /// Decoded images, presized.
     pub images: Vec<Arc<RgbImage>>,
+    /// Class index of each image.
     pub labels: Vec<usize>,
+    /// Path of each image, relative to the data folder.
     pub paths: Vec<PathBuf>,
     /// Files that could not be decoded, with the reason; skipped.
     pub skipped: Vec<String>,
@@ -444,10 +455,12 @@ impl ImageSet {
         set
     }
 
+    /// The number of images held (those that decoded).
     pub fn len(&self) -> usize {
         self.images.len()
     }
 
+    /// Whether it holds no images.
     pub fn is_empty(&self) -> bool {
         self.images.is_empty()
     }
@@ -530,8 +543,11 @@ pub fn random_resized_crop(
 
 /// A batch ready for the network: NCHW values and labels; `indices` point into the set.
 pub struct Batch {
+    /// Normalised values, `[N, 3, input_size, input_size]` row-major.
     pub pixels: Vec<f32>,
+    /// Class index of each image.
     pub labels: Vec<usize>,
+    /// Index of each image in the [`ImageSet`].
     pub indices: Vec<usize>,
 }
 
@@ -541,9 +557,12 @@ pub enum Transform {
     /// Random resized crop (area fraction from `min_scale` to 1) and flip, seeded per image
     /// so that runs are reproducible.
     Train {
+        /// Seed of the augmentation, mixed with each image's index.
         seed: u64,
+        /// Smallest area fraction of the crop (torchvision's `scale[0]`).
         min_scale: f64,
     },
+    /// The model's eval transform (resize, centre crop), as in [`Preprocess::eval`].
     Eval,
 }
 

@@ -52,42 +52,65 @@ pub fn load_run(run: &Path, device: &Device) -> anyhow::Result<(Model, RunConfig
     Ok((model, config))
 }
 
+/// Precision and recall of one class.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClassMetrics {
+    /// Class name.
     pub class: String,
+    /// Share of the images predicted as this class that are of it (0 when none are).
     pub precision: f64,
+    /// Share of this class's images predicted as it (0 when it has none).
     pub recall: f64,
+    /// Images of this class evaluated.
     pub support: usize,
 }
 
+/// One off-diagonal cell of the confusion matrix: a mistake and how often it was made.
 #[derive(Debug, Clone, Serialize)]
 pub struct Confusion {
+    /// Class the images are of.
     pub true_class: String,
+    /// Class they were taken for.
     pub predicted: String,
+    /// How many images.
     pub count: usize,
 }
 
+/// One image with its loss, for the list of hardest images.
 #[derive(Debug, Clone, Serialize)]
 pub struct HardImage {
+    /// Path relative to [`EvalReport::folder`].
     pub image: String,
+    /// Class it is of.
     pub true_class: String,
+    /// Class the network predicted (the top-1).
     pub predicted: String,
+    /// Its cross-entropy (no label smoothing, no class weights).
     pub loss: f64,
 }
 
+/// The results of `retrain evaluate`, saved as the run's `eval.json` ([`render`] prints them).
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
     /// The folder the images came from.
     pub folder: String,
+    /// Images evaluated (those that decoded).
     pub num_images: usize,
+    /// Top-1 accuracy, as a fraction.
     pub top1: f64,
+    /// Top-5 accuracy, as a fraction.
     pub top5: f64,
+    /// Mean cross-entropy per image.
     pub loss: f64,
+    /// Precision and recall per class, in class order.
     pub per_class: Vec<ClassMetrics>,
     /// Rows: true class; columns: predicted class.
     pub confusion: Vec<Vec<usize>>,
+    /// The ten commonest mistakes, commonest first.
     pub most_confused: Vec<Confusion>,
+    /// The ten images of highest loss, highest first.
     pub highest_loss: Vec<HardImage>,
+    /// Files that could not be decoded, with the reason.
     pub skipped_images: Vec<String>,
 }
 
@@ -149,6 +172,8 @@ fn eval_entries(
     }
 }
 
+/// Evaluate the run in `run` with its best weights on `data`'s class folders (its `val/`
+/// when it has `train/` and `val/`) or, without `data`, on the run's validation split.
 pub fn evaluate_run(
     run: &Path,
     data: Option<&Path>,

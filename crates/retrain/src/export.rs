@@ -3,12 +3,13 @@
 
 use std::path::Path;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
+use crate::checkpoint::write::safetensors_bytes;
 use crate::checkpoint::write::{NamedTensor, Values, pth_bytes};
 use crate::load::torch_tensors;
 use crate::models::Model;
-use crate::output::{write_atomic, write_weights};
+use crate::output::write_atomic;
 
 /// The model's state dict as PyTorch orders and names it, `num_batches_tracked` included
 /// (which `load_state_dict(strict=True)` expects).
@@ -44,4 +45,11 @@ pub fn export(model: &Model, path: &Path) -> anyhow::Result<()> {
             path.display()
         ),
     }
+}
+
+/// A model's weights with PyTorch's names, layouts and buffers, as safetensors.
+pub fn write_weights(path: &Path, model: &Model) -> anyhow::Result<()> {
+    let bytes =
+        safetensors_bytes(&state_dict(model)).with_context(|| format!("{}", path.display()))?;
+    write_atomic(path, &bytes)
 }

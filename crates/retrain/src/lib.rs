@@ -7,8 +7,10 @@
 //! `named_modules()` view, [`preprocess`] decodes and transforms images, [`output`] writes
 //! files atomically, [`data`] reads image folders and augments, [`freeze`] resolves and
 //! audits freezing, [`job`] is how a caller watches and stops a long job, [`train`] runs training, [`compare`] trains several regimes and
-//! [`report`] draws them, [`evaluate`] scores a run, [`export`] writes PyTorch files and
+//! [`report`] draws them, [`evaluate`] scores a run, [`predict`] classifies images, [`hub`] finds weights by name, [`export`] writes PyTorch files and
 //! [`synth`] draws procedural datasets.
+
+#![warn(missing_docs)]
 
 pub use retrain_checkpoint as checkpoint;
 pub use retrain_kernels as kernels;
@@ -24,7 +26,9 @@ pub mod load;
 pub mod models;
 pub mod modules;
 pub mod output;
+pub mod predict;
 pub mod preprocess;
+pub mod progress;
 pub mod ranges;
 pub mod report;
 pub mod resample;

@@ -15,21 +15,30 @@ use crate::models::{Arch, Model, ModelSpec, describe, detect};
 /// A head tensor whose shape changed: re-initialised instead of loaded.
 #[derive(Debug, Clone, Serialize)]
 pub struct HeadChange {
+    /// PyTorch name of the tensor (`fc.weight`).
     pub name: String,
     /// Shape in the checkpoint; `None` when the checkpoint has no head.
     pub old_shape: Option<Vec<usize>>,
+    /// Shape the network needs.
     pub new_shape: Vec<usize>,
 }
 
 /// What a load did, tensor by tensor.
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadReport {
+    /// Path of the checkpoint file.
     pub checkpoint: String,
+    /// The container it came in.
     pub format: checkpoint::Format,
+    /// The network it was loaded into, as [`describe`] names it.
     pub architecture: String,
+    /// Outputs of the network's head.
     pub num_classes: usize,
+    /// PyTorch names of the tensors loaded.
     pub loaded: Vec<String>,
+    /// Elements over all loaded tensors.
     pub num_loaded_values: usize,
+    /// Head tensors the checkpoint lacks or holds in another shape; re-initialised.
     pub head_reinitialized: Vec<HeadChange>,
     /// Model tensors the checkpoint lacks (outside the head); left at random init.
     pub missing: Vec<String>,
@@ -46,8 +55,11 @@ pub struct LoadReport {
 /// A tensor with NaN or infinite values, and how many of each.
 #[derive(Debug, Clone, Serialize)]
 pub struct NonFinite {
+    /// PyTorch name of the tensor.
     pub name: String,
+    /// How many of its values are NaN.
     pub nan: usize,
+    /// How many are infinite.
     pub infinite: usize,
 }
 
@@ -154,15 +166,20 @@ impl fmt::Display for LoadReport {
 
 /// A network with its weights, its spec and the report of how they were loaded.
 pub struct Loaded {
+    /// The network with the checkpoint's weights.
     pub model: Model,
+    /// What it is: architecture, variant and number of classes.
     pub spec: ModelSpec,
+    /// What the load did.
     pub report: LoadReport,
 }
 
 /// Options of a load, as the CLI passes them.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
+    /// Architecture the checkpoint must be; detected from its keys when `None`.
     pub arch: Option<Arch>,
+    /// Outputs of the new head; `None` keeps the checkpoint's.
     pub num_classes: Option<usize>,
     /// Dotted path of a state dict nested in the checkpoint (`--key`).
     pub key: Option<String>,

@@ -9,22 +9,28 @@ use serde::Serialize;
 
 use crate::models::Model;
 
+/// One parameter or buffer of a module, as `named_parameters()` / `named_buffers()` show it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ParamInfo {
     /// Full PyTorch name (`features.0.1.weight`).
     pub name: String,
+    /// Shape as PyTorch stores it (a `Linear` weight is `[out, in]`).
     pub shape: Vec<usize>,
+    /// Number of elements.
     pub numel: usize,
     /// False for buffers (BatchNorm running statistics) and frozen parameters.
     pub trainable: bool,
 }
 
+/// One module of the tree, as `named_modules()` lists it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModuleInfo {
     /// PyTorch module name; empty for the root.
     pub name: String,
+    /// PyTorch class name (`Conv2d`, `BatchNorm2d`, `InvertedResidual`, ...).
     #[serde(rename = "type")]
     pub kind: String,
+    /// Nesting depth: 0 for the root, 1 for its children, ...
     pub depth: usize,
     /// Parameters and buffers held directly by this module.
     pub params: Vec<ParamInfo>,

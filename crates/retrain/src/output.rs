@@ -7,8 +7,6 @@ use std::path::Path;
 use anyhow::Context;
 
 use crate::checkpoint::write::{NamedTensor, Values, safetensors_bytes};
-use crate::export::state_dict;
-use crate::models::Model;
 
 /// Temporary files of [`write_atomic`] are named `.retrain-XXXXXX.tmp`, so that those a
 /// kill left behind can be recognised and removed.
@@ -69,18 +67,13 @@ pub fn write_safetensors(
     write_atomic(path, &bytes)
 }
 
-/// A model's weights with PyTorch's names, layouts and buffers, as safetensors.
-pub fn write_weights(path: &Path, model: &Model) -> anyhow::Result<()> {
-    let bytes =
-        safetensors_bytes(&state_dict(model)).with_context(|| format!("{}", path.display()))?;
-    write_atomic(path, &bytes)
-}
-
+/// Read `path` as JSON, naming the file in the error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("{}: not valid", path.display()))
 }
 
+/// Write `value` to `path` as pretty-printed JSON, atomically (see [`write_atomic`]).
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');

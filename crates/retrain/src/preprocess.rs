@@ -57,7 +57,9 @@ const MAX_FILE_BYTES: u64 = 1 << 30;
 
 /// A decoded image and, for a file that decoded but is damaged, what is wrong with it.
 pub struct Decoded {
+    /// The pixels as 8-bit RGB, EXIF orientation applied.
     pub image: RgbImage,
+    /// What is wrong with a file that decoded but is damaged (a truncated JPEG).
     pub warning: Option<String>,
 }
 

@@ -23,6 +23,7 @@ fn parse<T: FromStr>(text: &str, check: Check<T>) -> Result<T, String> {
     check(value)
 }
 
+/// Finite and above 0 (learning rate, step decay, head LR multiplier).
 pub fn check_positive(x: f64) -> Result<f64, String> {
     if x.is_finite() && x > 0.0 {
         Ok(x)
@@ -31,6 +32,7 @@ pub fn check_positive(x: f64) -> Result<f64, String> {
     }
 }
 
+/// Finite and 0 or above (weight decay).
 pub fn check_non_negative(x: f64) -> Result<f64, String> {
     if x.is_finite() && x >= 0.0 {
         Ok(x)
@@ -57,6 +59,7 @@ pub fn check_share(x: f64) -> Result<f64, String> {
     }
 }
 
+/// A count of 1 or more (epochs, step size).
 pub fn check_at_least_one(n: usize) -> Result<usize, String> {
     if n >= 1 {
         Ok(n)
@@ -87,10 +90,12 @@ pub fn count_within(text: &str, range: RangeInclusive<usize>) -> Result<usize, S
     check_within(n, range)
 }
 
+/// A square input side within [`IMAGE_SIZES`].
 pub fn check_image_size(n: usize) -> Result<usize, String> {
     check_within(n, IMAGE_SIZES)
 }
 
+/// A width multiplier above 0 and at most [`MAX_WIDTH`].
 pub fn check_width(x: f64) -> Result<f64, String> {
     if x.is_finite() && x > 0.0 && x <= MAX_WIDTH {
         Ok(x)
@@ -99,18 +104,22 @@ pub fn check_width(x: f64) -> Result<f64, String> {
     }
 }
 
+/// [`check_positive`] on text.
 pub fn positive(text: &str) -> Result<f64, String> {
     parse(text, check_positive)
 }
 
+/// [`check_non_negative`] on text.
 pub fn non_negative(text: &str) -> Result<f64, String> {
     parse(text, check_non_negative)
 }
 
+/// [`check_fraction`] on text.
 pub fn fraction(text: &str) -> Result<f64, String> {
     parse(text, check_fraction)
 }
 
+/// [`check_share`] on text.
 pub fn share(text: &str) -> Result<f64, String> {
     parse(text, check_share)
 }
@@ -120,14 +129,17 @@ pub fn smoothing(text: &str) -> Result<f32, String> {
     parse(text, check_fraction).map(|x| x as f32)
 }
 
+/// [`check_at_least_one`] on text.
 pub fn at_least_one(text: &str) -> Result<usize, String> {
     parse(text, check_at_least_one)
 }
 
+/// [`check_image_size`] on text.
 pub fn image_size(text: &str) -> Result<usize, String> {
     parse(text, check_image_size)
 }
 
+/// [`check_width`] on text.
 pub fn width(text: &str) -> Result<f64, String> {
     parse(text, check_width)
 }
@@ -140,6 +152,7 @@ pub fn num_classes(text: &str) -> Result<usize, String> {
 /// Batches of 1 to 4096 images (the loader holds two ahead).
 pub const BATCH_SIZES: RangeInclusive<usize> = 1..=4096;
 
+/// A batch size within [`BATCH_SIZES`], from text.
 pub fn batch_size(text: &str) -> Result<usize, String> {
     count_within(text, BATCH_SIZES)
 }
@@ -147,6 +160,7 @@ pub fn batch_size(text: &str) -> Result<usize, String> {
 /// Augmented views per image in the feature cache.
 pub const CACHE_VIEWS: RangeInclusive<usize> = 1..=64;
 
+/// A number of cached views within [`CACHE_VIEWS`], from text.
 pub fn cache_views(text: &str) -> Result<usize, String> {
     count_within(text, CACHE_VIEWS)
 }

@@ -12,8 +12,11 @@ use crate::train::EpochMetrics;
 
 /// One regime's curves and the colour it is drawn in.
 pub struct Curves<'a> {
+    /// Legend text: the regime's name.
     pub label: &'a str,
+    /// Colour of both its lines (see [`regime_color`]).
     pub color: RGBColor,
+    /// Its epochs, in order.
     pub history: &'a [EpochMetrics],
 }
 

@@ -18,12 +18,13 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, ImageSet, Split, Transform};
+use crate::export::write_weights;
 use crate::freeze::{self, FreezeSet, FrozenBn};
 use crate::hub::{WeightsRef, sha256_of};
 use crate::job::Job;
 use crate::load::{LoadOptions, LoadReport, load_pretrained, torch_tensors};
 use crate::models::{Arch, Model, ModelSpec, PretrainedConfig, to_vec};
-use crate::output::{read_json, write_atomic, write_json, write_weights};
+use crate::output::{read_json, write_atomic, write_json};
 use crate::preprocess::Preprocess;
 use crate::ranges;
 
@@ -179,14 +180,23 @@ impl ClassWeights {
 /// One line of `metrics.jsonl` / `metrics.csv`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EpochMetrics {
+    /// Epoch number, from 1.
     pub epoch: usize,
+    /// Mean training loss per image (label smoothing and class weights included).
     pub train_loss: f64,
+    /// Training top-1 accuracy on the epoch's augmented batches, as a fraction.
     pub train_acc: f64,
+    /// Mean validation cross-entropy per image.
     pub val_loss: f64,
+    /// Validation top-1 accuracy, as a fraction.
     pub val_top1: f64,
+    /// Validation top-5 accuracy, as a fraction.
     pub val_top5: f64,
+    /// Learning rate at the epoch's last step (before the head's multiplier).
     pub lr: f64,
+    /// Wall-clock seconds of the epoch, validation included.
     pub epoch_seconds: f64,
+    /// Training images per second, validation excluded.
     pub images_per_second: f64,
 }
 
@@ -211,10 +221,15 @@ impl EpochMetrics {
 /// `config.json`: the options, the model and its preprocessing, the classes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunConfig {
+    /// The options the run was started with (epochs raised by any resume).
     pub options: TrainOptions,
+    /// The network: architecture, variant and number of classes.
     pub model: ModelSpec,
+    /// What a user of the trained weights needs to know (timm's `pretrained_cfg`).
     pub pretrained: PretrainedConfig,
+    /// Input size, resizing and normalisation the network expects.
     pub preprocess: Preprocess,
+    /// Class names, in the order of the head's outputs.
     pub classes: Vec<String>,
     /// SHA-256 of the pretrained checkpoint, so a comparison can tell it changed.
     #[serde(default)]
@@ -283,28 +298,47 @@ impl RunState {
 /// `summary.json` of a finished run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSummary {
+    /// Architecture name.
     pub architecture: String,
+    /// The `--freeze` spec trained with.
     pub freeze: String,
+    /// Whether it trained from random initialisation.
     pub scratch: bool,
+    /// Epochs trained.
     pub epochs: usize,
+    /// Validation top-1 of the best epoch, as a fraction.
     pub best_top1: f64,
+    /// The best epoch, from 1, whose weights are `best.safetensors`.
     pub best_epoch: usize,
     /// What "best" means for this run: the highest validation top-1, or the last epoch
     /// when there were no validation images.
     #[serde(default)]
     pub best_means: String,
+    /// Validation top-1 of the last epoch, as a fraction.
     pub final_top1: f64,
+    /// Parameters the optimiser updated (under the final freeze).
     pub trainable_params: usize,
+    /// Parameters held fixed (under the final freeze).
     pub frozen_params: usize,
+    /// Tensors the freeze audit checked.
     pub frozen_tensors: usize,
+    /// Whether every frozen tensor came out unchanged (a failed audit is an error).
     pub freeze_audit_passed: bool,
+    /// Whether the last epochs trained the head alone, on cached backbone features.
     pub feature_cache: bool,
+    /// Training images that decoded.
     pub train_images: usize,
+    /// Validation images that decoded.
     pub val_images: usize,
+    /// Files that could not be decoded, with the reason.
     pub skipped_images: Vec<String>,
+    /// Validation images whose content is also in train, as `val = train`.
     pub leaked_images: Vec<String>,
+    /// Wall-clock seconds of this training process, setup included (a resume counts only itself).
     pub wall_seconds: f64,
+    /// Training images per second, averaged over epochs.
     pub train_images_per_second: f64,
+    /// Peak resident memory of the process (`VmHWM`), in MiB.
     pub peak_memory_mib: f64,
 }
 

@@ -9,22 +9,30 @@ use burn::nn::Initializer;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 
+/// `torch.nn.BatchNorm2d` (and `1d`), with PyTorch's unbiased running-variance update.
 #[derive(Module, Debug)]
 pub struct BatchNorm {
+    /// Scale per channel (PyTorch's `weight`).
     pub gamma: Param<Tensor<1>>,
+    /// Shift per channel (PyTorch's `bias`).
     pub beta: Param<Tensor<1>>,
     /// Off for eval and for frozen layers: normalise with the running statistics.
     pub training: Param<Flag>,
+    /// Running mean per channel, used in eval.
     pub running_mean: RunningState<Tensor<1>>,
+    /// Running unbiased variance per channel, used in eval.
     pub running_var: RunningState<Tensor<1>>,
     /// PyTorch's convention: new = (1 - momentum) * old + momentum * batch.
     pub momentum: f64,
+    /// Added to the variance before the square root (PyTorch's `eps`).
     pub epsilon: f64,
     /// Folded into the convolution before it (eval only): the layer passes its input through.
     pub folded: bool,
 }
 
 impl BatchNorm {
+    /// A layer over `channels` channels as PyTorch initialises it: scale 1, shift 0,
+    /// running mean 0 and variance 1, in training mode.
     pub fn new(channels: usize, epsilon: f64, momentum: f64, device: &Device) -> Self {
         Self {
             gamma: Initializer::Ones.init([channels], device),
@@ -62,6 +70,9 @@ impl BatchNorm {
         self.folded = true;
     }
 
+    /// Normalise `input` (`[N, C, ...]`): with the batch statistics, updating the running
+    /// ones, when training on an autodiff device; with the running ones otherwise; not at
+    /// all once folded.
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         if self.folded {
             return input;

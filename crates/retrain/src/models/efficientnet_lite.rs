@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
 use super::layers::{ConvSpec, dropout, head};
+use super::weights::Weights;
 use crate::checkpoint::StateDict;
-use crate::hub::Weights;
 use crate::preprocess::{Interpolation, Preprocess};
 
 const BN_EPS: f64 = 1e-3;
@@ -83,6 +83,8 @@ fn bn(channels: usize, device: &Device) -> BatchNorm {
     BatchNorm::new(channels, BN_EPS, BN_MOMENTUM, device)
 }
 
+/// A mobile inverted-bottleneck block (`_blocks.N`): 1x1 expansion (unless the ratio is 1),
+/// depthwise conv, 1x1 linear projection, with a skip connection when the shape is kept.
 #[derive(Module, Debug)]
 pub struct MbConv {
     _expand_conv: Option<Conv2d>,
@@ -137,6 +139,7 @@ impl MbConv {
     }
 }
 
+/// The whole network, named as `efficientnet-lite-pytorch`'s `EfficientNet`.
 #[derive(Module, Debug)]
 pub struct EfficientNetLite {
     _conv_stem: Conv2d,

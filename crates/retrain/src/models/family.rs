@@ -11,8 +11,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::layers::global_avg_pool;
+use super::weights::Weights;
 use crate::checkpoint::StateDict;
-use crate::hub::Weights;
 
 /// One family of networks, implemented by the network type itself (a burn module whose
 /// parameter paths are PyTorch's state-dict keys). Register it with one line in

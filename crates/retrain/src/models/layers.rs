@@ -19,6 +19,7 @@ use burn::prelude::*;
 /// One child of a PyTorch `nn.Sequential`.
 /// Variants are named after the PyTorch classes, which the module view shows.
 #[derive(Module, Debug)]
+#[allow(missing_docs)]
 pub enum Layer {
     Conv2d(Conv2d),
     BatchNorm2d(BatchNorm),
@@ -31,6 +32,8 @@ pub enum Layer {
 }
 
 impl Layer {
+    /// Run the layer on an NCHW input. A `Linear` panics: it takes pooled features,
+    /// see [`Self::forward_2d`].
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match self {
             Layer::Conv2d(m) => kernels::conv2d(m, x),
@@ -68,6 +71,7 @@ pub fn fold_sequential(layers: &mut [Layer]) {
     }
 }
 
+/// Run `layers` in order, as `nn.Sequential.forward` does.
 pub fn sequential(layers: &[Layer], x: Tensor<4>) -> Tensor<4> {
     layers.iter().fold(x, |x, layer| layer.forward(x))
 }
@@ -83,13 +87,19 @@ fn conv_init() -> Initializer {
 /// Convolution parameters, in PyTorch's argument order.
 #[derive(Debug, Clone, Copy)]
 pub struct ConvSpec {
+    /// Input channels (`in_channels`).
     pub cin: usize,
+    /// Output channels (`out_channels`).
     pub cout: usize,
+    /// Side of the square kernel (`kernel_size`).
     pub kernel: usize,
+    /// Stride in both directions.
     pub stride: usize,
+    /// Channel groups: 1 for a dense conv, `cin` for a depthwise one.
     pub groups: usize,
     /// (top, left, bottom, right); asymmetric for TensorFlow 'SAME' padding.
     pub padding: [usize; 4],
+    /// Whether the conv has a bias.
     pub bias: bool,
 }
 
@@ -108,16 +118,19 @@ impl ConvSpec {
         }
     }
 
+    /// With `groups` channel groups (`cin` for a depthwise conv).
     pub fn groups(mut self, groups: usize) -> Self {
         self.groups = groups;
         self
     }
 
+    /// With explicit (top, left, bottom, right) padding.
     pub fn padding(mut self, padding: [usize; 4]) -> Self {
         self.padding = padding;
         self
     }
 
+    /// Build the conv, initialised as torchvision initialises its convolutions.
     pub fn init(self, device: &Device) -> Conv2d {
         let [t, l, b, r] = self.padding;
         Conv2dConfig::new([self.cin, self.cout], [self.kernel, self.kernel])
@@ -141,6 +154,7 @@ pub fn head(features: usize, classes: usize, device: &Device) -> Linear {
         .init(device)
 }
 
+/// Dropout that zeroes with probability `prob` (`nn.Dropout(p)`).
 pub fn dropout(prob: f64) -> Dropout {
     DropoutConfig::new(prob).init()
 }
@@ -154,6 +168,7 @@ pub fn conv_bn_act(spec: ConvSpec, act: Layer, device: &Device) -> Vec<Layer> {
     ]
 }
 
+/// `nn.ReLU6` as a [`Layer`].
 pub fn relu6() -> Layer {
     Layer::ReLU6(Relu6::new())
 }

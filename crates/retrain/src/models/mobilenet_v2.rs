@@ -9,8 +9,8 @@ use super::batch_norm::BatchNorm;
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
 use super::layers::{ConvSpec, Layer, conv_bn_act, dropout, head, relu6};
 use super::layers::{fold_sequential, sequential};
+use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
-use crate::hub::{Weights, torchvision};
 
 /// (expansion t, output channels c, repeats n, first stride s), torchvision's table.
 const SETTINGS: [(usize, usize, usize, usize); 7] = [
@@ -68,6 +68,8 @@ const WEIGHTS: &[Weights] = &[
     .default(),
 ];
 
+/// torchvision's `InvertedResidual`: 1x1 expansion (unless the ratio is 1), 3x3 depthwise,
+/// 1x1 linear projection, with a residual connection when the shape is kept.
 #[derive(Module, Debug)]
 pub struct InvertedResidual {
     conv: Vec<Layer>,
@@ -103,15 +105,21 @@ impl InvertedResidual {
     }
 }
 
+/// One child of `features`: the stem and last 1x1 conv are `Conv2dNormActivation`s, the
+/// rest inverted-residual blocks; variants named after torchvision's classes.
+#[allow(missing_docs)]
 #[derive(Module, Debug)]
 pub enum Feature {
     Conv2dNormActivation(Vec<Layer>),
     InvertedResidual(InvertedResidual),
 }
 
+/// torchvision's `MobileNetV2`, field for field.
 #[derive(Module, Debug)]
 pub struct MobileNetV2 {
+    /// The backbone, `features.0` to `features.18`.
     pub features: Vec<Feature>,
+    /// `Dropout(0.2)` then the `Linear` head (`classifier.1`).
     pub classifier: Vec<Layer>,
 }
 

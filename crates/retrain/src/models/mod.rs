@@ -1,6 +1,6 @@
 //! The supported networks, one file per family, each implementing [`Family`] (timm's
 //! surface), and the registry that lists them. Adding a family is a new file and one line
-//! in [`registry!`]'s invocation below.
+//! in the `registry!` invocation below.
 
 pub mod batch_norm;
 pub mod efficientnet_lite;
@@ -8,6 +8,7 @@ pub mod family;
 pub mod layers;
 pub mod mobilenet_v2;
 pub mod resnet;
+pub mod weights;
 
 use std::fmt;
 
@@ -19,8 +20,8 @@ use serde::{Deserialize, Serialize};
 pub use family::{Architecture, Detected, Family, FreezeGroup};
 
 use crate::checkpoint::StateDict;
-use crate::hub::Weights;
 use crate::preprocess::Preprocess;
+use weights::Weights;
 
 /// Generates, from one line per family, the [`Model`] enum of networks, the [`Variant`]
 /// enum of their variants, and the dispatch from both to the family's [`Family`] impl.
@@ -398,5 +399,77 @@ pub fn describe(spec: &ModelSpec) -> String {
     match spec.family.distinction() {
         Some(d) => format!("{} ({d})", spec.arch),
         None => spec.arch.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::freeze::parse_spec;
+    use crate::modules::named_modules;
+
+    /// Every registered architecture builds, runs, resets its head, and describes its
+    /// freeze groups, head and default partial in names its module tree has.
+    #[test]
+    fn every_registered_architecture_meets_the_family_interface() {
+        let device = Device::flex();
+        for arch in Arch::all() {
+            let spec = ModelSpec::new(arch, 5);
+            assert_eq!(arch.name().parse::<Arch>(), Ok(arch));
+            assert!(arch.weights().iter().filter(|w| w.is_default).count() == 1);
+            let mut model = spec.build(&device);
+            let x = Tensor::<4>::zeros([1, 3, 64, 64], &device);
+            assert_eq!(model.forward(x.clone()).dims(), [1, 5], "{arch}");
+            assert_eq!(model.embed(x.clone()).dims(), [1, spec.feature_dim()]);
+            model.reset_classifier(3, &device);
+            assert_eq!(model.forward(x).dims(), [1, 3], "{arch}: reset_classifier");
+
+            let modules = named_modules(&model, spec.torch_class(), &|_| false);
+            assert_eq!(modules[0].kind, spec.torch_class());
+            let names: Vec<&str> = modules.iter().map(|m| m.name.as_str()).collect();
+            let tensors: Vec<String> = modules
+                .iter()
+                .flat_map(|m| m.params.iter().map(|p| p.name.clone()))
+                .collect();
+            for head in spec.head_tensors() {
+                assert!(tensors.iter().any(|t| t == head), "{arch}: {head}");
+            }
+            let groups = spec.family.freeze_groups();
+            for module in groups.iter().flat_map(|g| &g.modules) {
+                assert!(
+                    names.contains(&module.as_str()),
+                    "{arch}: group module {module}"
+                );
+            }
+            let covered = |t: &String| {
+                groups
+                    .iter()
+                    .flat_map(|g| &g.modules)
+                    .any(|m| t.starts_with(&format!("{m}.")))
+            };
+            assert!(
+                tensors.iter().all(covered),
+                "{arch}: the groups cover every tensor"
+            );
+            assert_eq!(groups.last().map(|g| g.name.as_str()), Some("head"));
+            let partial = parse_spec("partial", &spec, &model).unwrap();
+            let stem = parse_spec("stem", &spec, &model).unwrap();
+            assert!(!stem.prefixes.is_empty() && stem.prefixes.len() < partial.prefixes.len());
+        }
+    }
+
+    #[test]
+    fn an_unknown_architecture_lists_the_known_ones() {
+        let err = "resnet51".parse::<Arch>().unwrap_err();
+        assert!(err.contains("resnet51") && err.contains("resnet50, efficientnet_lite0"));
+        assert!(serde_json::from_str::<Arch>("\"resnet51\"").is_err());
+        let spec = ModelSpec::new(Arch::named("mobilenet_v2").unwrap(), 10).with_width(0.5);
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(
+            json.contains(r#""family":{"family":"mobile_net_v2","width":0.5}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<ModelSpec>(&json).unwrap(), spec);
+        assert_eq!(describe(&spec), "mobilenet_v2 (width 0.5)");
     }
 }

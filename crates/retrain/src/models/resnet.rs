@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
 use super::layers::{ConvSpec, Layer, fold_sequential, head, sequential};
+use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
-use crate::hub::{Weights, torchvision};
 
 /// torchvision's two residual blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +121,7 @@ fn shortcut(downsample: &Option<Vec<Layer>>, x: Tensor<4>) -> Tensor<4> {
     }
 }
 
+/// torchvision's `BasicBlock` (ResNet-18/34): two 3x3 convs and the shortcut.
 #[derive(Module, Debug)]
 pub struct BasicBlock {
     conv1: Conv2d,
@@ -149,6 +150,8 @@ impl BasicBlock {
     }
 }
 
+/// torchvision's `Bottleneck` (ResNet-50): 1x1 reduce, 3x3, 1x1 expand by 4, and the
+/// shortcut.
 #[derive(Module, Debug)]
 pub struct Bottleneck {
     conv1: Conv2d,
@@ -211,6 +214,7 @@ impl Block {
     }
 }
 
+/// torchvision's `ResNet`, field for field.
 #[derive(Module, Debug)]
 pub struct ResNet {
     conv1: Conv2d,
@@ -220,6 +224,7 @@ pub struct ResNet {
     layer2: Vec<Block>,
     layer3: Vec<Block>,
     layer4: Vec<Block>,
+    /// The classifier head, replaced for a new number of classes.
     pub fc: Linear,
 }
 
