@@ -17,7 +17,10 @@ fn main() -> std::process::ExitCode {
             }
             eprintln!("error: {e:#}");
             // 130 after Ctrl-C, as shells report SIGINT.
-            let interrupted = e.is::<retrain::train::Interrupted>();
+            let interrupted = matches!(
+                e.downcast_ref::<retrain::Error>(),
+                Some(retrain::Error::Interrupted(_))
+            );
             std::process::ExitCode::from(if interrupted { 130 } else { 1 })
         }
     }

@@ -21,7 +21,7 @@ fn fine_tune(
     data: &Path,
     out: &Path,
     images: &[PathBuf],
-) -> anyhow::Result<Vec<Prediction>> {
+) -> retrain::Result<Vec<Prediction>> {
     let device = Device::flex();
     let job = Job::quiet(&device);
     let options = TrainOptions {
@@ -72,8 +72,13 @@ mod tests {
                 .file_name(),
         );
         let run = dir.path().join("run");
-        let predictions =
-            fine_tune(weights.to_str().unwrap(), &data, &run, &[image.clone()]).unwrap();
+        let predictions = fine_tune(
+            weights.to_str().unwrap(),
+            &data,
+            &run,
+            std::slice::from_ref(&image),
+        )
+        .unwrap();
         assert_eq!(predictions.len(), 1);
         assert_eq!(predictions[0].image, image);
         let top = predictions[0].top.as_ref().unwrap();

@@ -3,10 +3,11 @@
 
 use std::path::Path;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Split, first_ten};
+use crate::error::{Result, bail};
 use crate::hub::{WeightsRef, sha256_of};
 use crate::job::Job;
 use crate::output::{read_json, write_atomic, write_json};
@@ -29,7 +30,7 @@ pub struct Regime {
 /// Parse `--regimes head,partial,full,scratch` (`partial:SPEC` sets the partial spec;
 /// plain `partial` freezes `default_partial`, the family's, see
 /// [`crate::models::Variant::default_partial`]).
-pub fn parse_regimes(list: &str, default_partial: &str) -> anyhow::Result<Vec<Regime>> {
+pub fn parse_regimes(list: &str, default_partial: &str) -> Result<Vec<Regime>> {
     let mut out = Vec::new();
     // A `partial:SPEC` may itself contain commas (`partial:conv1,bn1`); items that are not a
     // regime name continue the spec before them.
@@ -138,7 +139,7 @@ pub fn compare(
     out: &Path,
     retrain: bool,
     job: &Job,
-) -> anyhow::Result<ComparisonSummary> {
+) -> Result<ComparisonSummary> {
     base.validate()?;
     let data = base.data.as_deref().context("--data DIR is required")?;
     // One split for every regime, made from the data as it is now.

@@ -4,12 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use burn::prelude::*;
 use serde::Serialize;
 
 use crate::checkpoint;
 use crate::data::{self, Entry, ImageSet, Split, Transform};
+use crate::error::{Result, bail};
 use crate::load::apply_state_dict;
 use crate::models::Model;
 use crate::output::read_json;
@@ -17,7 +18,7 @@ use crate::train::RunConfig;
 
 /// A run's network with its best weights (the last epoch's when the run had no
 /// validation images), checked against the run's `config.json`.
-pub fn load_run(run: &Path, device: &Device) -> anyhow::Result<(Model, RunConfig)> {
+pub fn load_run(run: &Path, device: &Device) -> Result<(Model, RunConfig)> {
     let config_path = run.join("config.json");
     if !config_path.exists() {
         bail!("{}: not a run folder (no config.json)", run.display());
@@ -179,7 +180,7 @@ pub fn evaluate_run(
     data: Option<&Path>,
     batch_size: usize,
     device: &Device,
-) -> anyhow::Result<EvalReport> {
+) -> Result<EvalReport> {
     let (model, config) = load_run(run, device)?;
     let model = model.for_inference();
     let (root, entries) = eval_entries(&config, run, data)?;
@@ -326,7 +327,7 @@ pub fn render(report: &EvalReport, classes: &[String]) -> String {
 
 /// Image files named on the command line, folders walked (sorted); what the walks passed
 /// over (directory loops, files that are not regular) comes second.
-pub fn expand_images(paths: &[PathBuf]) -> anyhow::Result<(Vec<PathBuf>, Vec<String>)> {
+pub fn expand_images(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<String>)> {
     let (mut out, mut warnings) = (Vec::new(), Vec::new());
     for p in paths {
         if p.is_dir() {

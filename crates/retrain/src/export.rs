@@ -3,10 +3,11 @@
 
 use std::path::Path;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use crate::checkpoint::write::safetensors_bytes;
 use crate::checkpoint::write::{NamedTensor, Values, pth_bytes};
+use crate::error::{Result, bail};
 use crate::load::torch_tensors;
 use crate::models::Model;
 use crate::output::write_atomic;
@@ -36,9 +37,13 @@ pub fn state_dict(model: &Model) -> Vec<NamedTensor> {
 }
 
 /// Write the model's weights to `path`: `.pth` (zip) or `.safetensors`, by extension.
-pub fn export(model: &Model, path: &Path) -> anyhow::Result<()> {
+pub fn export(model: &Model, path: &Path) -> Result<()> {
     match path.extension().and_then(|e| e.to_str()) {
-        Some("pth" | "pt") => write_atomic(path, &pth_bytes(&state_dict(model))?),
+        Some("pth" | "pt") => {
+            let bytes =
+                pth_bytes(&state_dict(model)).with_context(|| path.display().to_string())?;
+            Ok(write_atomic(path, &bytes)?)
+        }
         Some("safetensors") => write_weights(path, model),
         _ => bail!(
             "{}: choose the format by extension: .pth or .safetensors",
@@ -48,8 +53,8 @@ pub fn export(model: &Model, path: &Path) -> anyhow::Result<()> {
 }
 
 /// A model's weights with PyTorch's names, layouts and buffers, as safetensors.
-pub fn write_weights(path: &Path, model: &Model) -> anyhow::Result<()> {
+pub fn write_weights(path: &Path, model: &Model) -> Result<()> {
     let bytes =
         safetensors_bytes(&state_dict(model)).with_context(|| format!("{}", path.display()))?;
-    write_atomic(path, &bytes)
+    Ok(write_atomic(path, &bytes)?)
 }

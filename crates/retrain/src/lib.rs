@@ -15,8 +15,11 @@
 pub use retrain_checkpoint as checkpoint;
 pub use retrain_kernels as kernels;
 
+pub use error::{Error, Result};
+
 pub mod compare;
 pub mod data;
+pub mod error;
 pub mod evaluate;
 pub mod export;
 pub mod freeze;

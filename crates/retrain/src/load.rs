@@ -4,12 +4,13 @@
 use std::fmt;
 use std::path::Path;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use burn::prelude::*;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, bridge};
 use serde::Serialize;
 
 use crate::checkpoint::{self, StateDict};
+use crate::error::{Result, bail};
 use crate::models::{Arch, Model, ModelSpec, describe, detect};
 
 /// A head tensor whose shape changed: re-initialised instead of loaded.
@@ -82,7 +83,7 @@ impl LoadReport {
 
     /// An error naming the tensors with NaN or infinite values, if there are any: a network
     /// with them gives NaN for every input.
-    pub fn refuse_non_finite(&self) -> anyhow::Result<()> {
+    pub fn refuse_non_finite(&self) -> Result<()> {
         let Some(first) = self.non_finite.first() else {
             return Ok(());
         };
@@ -189,11 +190,7 @@ pub struct LoadOptions {
 
 /// Read a checkpoint and build the network it fits, with the head resized to
 /// `options.num_classes`.
-pub fn load_pretrained(
-    path: &Path,
-    options: &LoadOptions,
-    device: &Device,
-) -> anyhow::Result<Loaded> {
+pub fn load_pretrained(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loaded> {
     let sd = checkpoint::read(path, options.key.as_deref())?;
     let detected = detect(&sd);
     let mut spec = match (options.arch, &detected) {
@@ -251,7 +248,7 @@ pub fn apply_state_dict(
     spec: &ModelSpec,
     sd: &StateDict,
     allow_partial: bool,
-) -> anyhow::Result<LoadReport> {
+) -> Result<LoadReport> {
     let head = spec.head_tensors();
     let expected: Vec<(String, Vec<usize>)> = model
         .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
@@ -366,7 +363,7 @@ pub fn apply_state_dict(
 }
 
 /// Read the tensor `name` of a safetensors file as NCHW f32 input.
-pub fn read_input(path: &Path, name: Option<&str>) -> anyhow::Result<(Vec<f32>, [usize; 4])> {
+pub fn read_input(path: &Path, name: Option<&str>) -> Result<(Vec<f32>, [usize; 4])> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;

@@ -8,6 +8,7 @@ use burn::tensor::activation::softmax;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::error::Result;
 use crate::evaluate::load_run;
 use crate::models::{Model, PretrainedConfig, to_vec};
 use crate::preprocess::Preprocess;
@@ -41,14 +42,14 @@ pub struct Prediction {
     /// The image file.
     pub image: PathBuf,
     /// Its top classes, most likely first, or why the file could not be classified.
-    pub top: anyhow::Result<Vec<TopClass>>,
+    pub top: Result<Vec<TopClass>>,
     /// Something wrong with a file that still decoded (a truncated JPEG).
     pub warning: Option<String>,
 }
 
 impl Classifier {
     /// The best weights of the run in `run`, with its classes and preprocessing.
-    pub fn from_run(run: &Path, device: &Device) -> anyhow::Result<Self> {
+    pub fn from_run(run: &Path, device: &Device) -> Result<Self> {
         let (model, config) = load_run(run, device)?;
         Ok(Self {
             model: model.for_inference(),
@@ -70,7 +71,7 @@ impl Classifier {
     }
 
     /// The `top_k` most likely classes of each image, in the order given.
-    pub fn classify(&self, images: &[PathBuf], top_k: usize) -> anyhow::Result<Vec<Prediction>> {
+    pub fn classify(&self, images: &[PathBuf], top_k: usize) -> Result<Vec<Prediction>> {
         let mut out = Vec::with_capacity(images.len());
         for chunk in images.chunks(BATCH) {
             let decoded: Vec<_> = chunk.par_iter().map(|p| self.preprocess.load(p)).collect();
@@ -87,7 +88,7 @@ impl Classifier {
                         let row = probs.next().expect("one row per decoded image");
                         (Ok(self.top(&row, top_k)), warning)
                     }
-                    Err(e) => (Err(e), None),
+                    Err(e) => (Err(e.into()), None),
                 };
                 out.push(Prediction {
                     image: image.clone(),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use burn::module::{Module, ParamId};
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{
@@ -18,6 +18,8 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, ImageSet, Split, Transform};
+pub use crate::error::{Interrupted, RunExists};
+use crate::error::{Result, bail};
 use crate::export::write_weights;
 use crate::freeze::{self, FreezeSet, FrozenBn};
 use crate::hub::{WeightsRef, sha256_of};
@@ -239,7 +241,7 @@ pub struct RunConfig {
 impl RunConfig {
     /// A config read back from `file` that agrees with itself: as many classes as the
     /// network's head has outputs.
-    pub fn check(&self, file: &Path) -> anyhow::Result<()> {
+    pub fn check(&self, file: &Path) -> Result<()> {
         if self.classes.len() != self.model.num_classes {
             bail!(
                 "{}: {} class names for a network with {} outputs",
@@ -342,11 +344,6 @@ pub struct RunSummary {
     pub peak_memory_mib: f64,
 }
 
-/// The run was cancelled (Ctrl-C) and stopped after saving its last finished epoch.
-#[derive(Debug, thiserror::Error)]
-#[error("interrupted; resume with --resume {0}")]
-pub struct Interrupted(pub String);
-
 /// The files and folders of a run: what [`holds_run`] looks for and [`remove_run`] removes.
 const RUN_FILES: [&str; 12] = [
     "config.json",
@@ -369,7 +366,7 @@ pub fn holds_run(dir: &Path) -> bool {
 }
 
 /// Remove a run's files from `dir`, and nothing else that is there, to start over.
-pub fn remove_run(dir: &Path) -> anyhow::Result<()> {
+pub fn remove_run(dir: &Path) -> Result<()> {
     for name in RUN_FILES {
         let path = dir.join(name);
         let removed = if path.is_dir() {
@@ -385,17 +382,10 @@ pub fn remove_run(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A new run was asked for in a folder that already holds one.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "{0}: already holds a run; continue it with --resume {0}, or pass --overwrite to remove it and start over"
-)]
-pub struct RunExists(pub String);
-
 impl TrainOptions {
     /// The ranges that the command line enforces, for options built in code; an error names
     /// the flag.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> Result<()> {
         use ranges::*;
         let optional = |value: Option<f64>, check: Check<f64>| value.map_or(Ok(0.0), check);
         let checks: [(&str, Result<f64, String>); 15] = [
@@ -463,7 +453,7 @@ pub fn train(
     out: &Path,
     existing: Existing,
     job: &Job,
-) -> anyhow::Result<RunSummary> {
+) -> Result<RunSummary> {
     options.validate()?;
     if existing == Existing::Refuse && holds_run(out) {
         bail!(RunExists(out.display().to_string()));
@@ -480,7 +470,7 @@ pub fn train_on_split(
     split: Split,
     existing: Existing,
     job: &Job,
-) -> anyhow::Result<RunSummary> {
+) -> Result<RunSummary> {
     let started = Instant::now();
     options.validate()?;
     if existing == Existing::Refuse && holds_run(out) {
@@ -520,12 +510,12 @@ pub fn train_on_split(
     };
     write_json(&out.join("config.json"), &config)?;
     let optimizers = Optimizers::new(options);
-    session.run(out, RunState::default(), optimizers, started)
+    Ok(session.run(out, RunState::default(), optimizers, started)?)
 }
 
 /// Continue the run in `out` from its last finished epoch with the settings in its
 /// `config.json`; `epochs` (more than it has done) extends it.
-pub fn resume(out: &Path, epochs: Option<usize>, job: &Job) -> anyhow::Result<RunSummary> {
+pub fn resume(out: &Path, epochs: Option<usize>, job: &Job) -> Result<RunSummary> {
     let started = Instant::now();
     let config_path = out.join("config.json");
     let config: RunConfig = read_json(&config_path)?;
@@ -598,7 +588,7 @@ pub fn resume(out: &Path, epochs: Option<usize>, job: &Job) -> anyhow::Result<Ru
         out.display(),
         state.epochs_done
     ));
-    session.run(out, state, optimizers, started)
+    Ok(session.run(out, state, optimizers, started)?)
 }
 
 /// After a crash during the swap in [`save_last`], `last.old` is the checkpoint.
