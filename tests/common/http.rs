@@ -14,6 +14,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(body: Vec<u8>, send: usize) -> Server {
+        Self::with_header(body, send, String::new())
+    }
+
+    /// [`Server::start`] with an extra header line (`ETag: "..."`) in every response.
+    pub fn with_header(body: Vec<u8>, send: usize, header: String) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
         let base = format!("http://{}", listener.local_addr().expect("address"));
         let requests = Arc::new(AtomicUsize::new(0));
@@ -28,7 +33,7 @@ impl Server {
                 }
                 counter.fetch_add(1, Ordering::SeqCst);
                 let header = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{header}Connection: close\r\n\r\n",
                     body.len()
                 );
                 let _ = stream.write_all(header.as_bytes());

@@ -105,6 +105,9 @@ pub enum HubError {
         /// retrain's checkpoint cache.
         dir: PathBuf,
     },
+    /// A name that cannot be registered weights or a Hub repository.
+    #[error("{0}: not a Hugging Face repository id (hf-hub:ORG/NAME)")]
+    BadName(String),
     /// The download failed.
     #[error("{url}: download failed: {message}")]
     Download {
@@ -130,6 +133,18 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
     }
 }
 
+/// The Hugging Face Hub, unless `HF_ENDPOINT` says otherwise.
+const HF_ENDPOINT: &str = "https://huggingface.co";
+
+/// A safe part of a Hugging Face repository id or commit: no separators, no `..`.
+fn is_repo_part(part: &str) -> bool {
+    !part.is_empty()
+        && !part.starts_with('.')
+        && part
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 /// The largest weights file a download accepts (ViT-H/14 is 2.5 GB).
 const MAX_DOWNLOAD_BYTES: u64 = 8 << 30;
 
@@ -145,13 +160,18 @@ pub struct Hub {
     /// Fetch from this base URL instead of each weight's own host (a mirror; tests use a
     /// server on 127.0.0.1): the file name is appended to it.
     pub mirror: Option<String>,
+    /// The Hugging Face Hub for `hf-hub:` names (`$HF_ENDPOINT`).
+    pub hf_endpoint: String,
+    /// The Hugging Face cache (`$HF_HOME/hub`), reused in place.
+    pub hf_cache: Option<PathBuf>,
 }
 
 impl Hub {
     /// The caches and settings of the environment: `$RETRAIN_HOME` (default
     /// `$XDG_CACHE_HOME/retrain`, else `~/.cache/retrain`), torch.hub's
-    /// `$TORCH_HOME/hub/checkpoints` (default `~/.cache/torch`), `RETRAIN_OFFLINE=1`, and
-    /// `RETRAIN_WEIGHTS_MIRROR`.
+    /// `$TORCH_HOME/hub/checkpoints` (default `~/.cache/torch`), `RETRAIN_OFFLINE=1` (or
+    /// `HF_HUB_OFFLINE=1`), `RETRAIN_WEIGHTS_MIRROR`, and for `hf-hub:` names `HF_ENDPOINT`
+    /// and `HF_HOME` (default `~/.cache/huggingface`).
     pub fn from_env() -> Hub {
         let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
         let cache_home = var("XDG_CACHE_HOME")
@@ -163,12 +183,19 @@ impl Hub {
             .unwrap_or_else(|| PathBuf::from(".retrain"));
         let torch_home = var("TORCH_HOME")
             .map(PathBuf::from)
-            .or_else(|| cache_home.map(|c| c.join("torch")));
+            .or_else(|| cache_home.as_ref().map(|c| c.join("torch")));
+        let hf_home = var("HF_HOME")
+            .map(PathBuf::from)
+            .or_else(|| cache_home.map(|c| c.join("huggingface")));
+        let set = |name: &str| var(name).is_some_and(|v| v != "0");
         Hub {
             cache: home.join("checkpoints"),
             torch_cache: torch_home.map(|t| t.join("hub").join("checkpoints")),
-            offline: var("RETRAIN_OFFLINE").is_some_and(|v| v != "0"),
+            offline: set("RETRAIN_OFFLINE") || set("HF_HUB_OFFLINE"),
             mirror: var("RETRAIN_WEIGHTS_MIRROR").map(|v| v.to_string_lossy().into_owned()),
+            hf_endpoint: var("HF_ENDPOINT")
+                .map_or(HF_ENDPOINT.into(), |v| v.to_string_lossy().into_owned()),
+            hf_cache: hf_home.map(|h| h.join("hub")),
         }
     }
 
@@ -179,7 +206,57 @@ impl Hub {
             torch_cache: None,
             offline: false,
             mirror: None,
+            hf_endpoint: HF_ENDPOINT.into(),
+            hf_cache: None,
         }
+    }
+
+    /// The `model.safetensors` of the Hugging Face repository `repo` (`timm/resnet50.tv_in1k`):
+    /// from the Hugging Face cache (`refs/main`'s snapshot), retrain's cache, or a
+    /// download checked against the SHA-256 the Hub publishes.
+    pub fn fetch_hf(&self, repo: &str, observer: &dyn Observer) -> Result<PathBuf, HubError> {
+        let (org, name) = repo
+            .split_once('/')
+            .filter(|(o, n)| is_repo_part(o) && is_repo_part(n))
+            .ok_or_else(|| HubError::BadName(format!("hf-hub:{repo}")))?;
+        let file = "model.safetensors";
+        if let Some(hf) = &self.hf_cache {
+            let dir = hf.join(format!("models--{org}--{name}"));
+            if let Ok(commit) = std::fs::read_to_string(dir.join("refs/main")) {
+                let snapshot = dir.join("snapshots").join(commit.trim()).join(file);
+                if is_repo_part(commit.trim()) && snapshot.is_file() {
+                    return Ok(snapshot);
+                }
+            }
+        }
+        let ours = self
+            .cache
+            .join("hf")
+            .join(format!("{org}--{name}"))
+            .join(file);
+        if ours.is_file() {
+            return Ok(ours);
+        }
+        if self.offline {
+            return Err(HubError::Offline {
+                name: format!("hf-hub:{repo}"),
+                file: file.into(),
+                url: self.hf_url(repo),
+                dir: ours.parent().expect("a folder").to_path_buf(),
+            });
+        }
+        let source = Source {
+            url: self.hf_url(repo),
+            sha256: None,
+            member: None,
+        };
+        self.download(&source, &ours, observer)?;
+        Ok(ours)
+    }
+
+    fn hf_url(&self, repo: &str) -> String {
+        let endpoint = self.hf_endpoint.trim_end_matches('/');
+        format!("{endpoint}/{repo}/resolve/main/model.safetensors")
     }
 
     /// Is the weights' file already in a cache (whatever its contents)?
@@ -218,7 +295,12 @@ impl Hub {
                 dir: self.cache.clone(),
             });
         }
-        self.download(weights, &ours, observer)?;
+        let source = Source {
+            url: self.url(weights),
+            sha256: Some(weights.sha256),
+            member: weights.member,
+        };
+        self.download(&source, &ours, observer)?;
         Ok(ours)
     }
 
@@ -235,12 +317,13 @@ impl Hub {
     /// Download into a temporary file beside `target`, check it, then rename it.
     fn download(
         &self,
-        weights: &Weights,
+        source: &Source,
         target: &Path,
         observer: &dyn Observer,
     ) -> Result<(), HubError> {
-        std::fs::create_dir_all(&self.cache).map_err(io_error(&self.cache))?;
-        let url = self.url(weights);
+        let dir = target.parent().unwrap_or(&self.cache);
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let url = source.url.clone();
         let failed = |message: String| HubError::Download {
             url: url.clone(),
             message,
@@ -255,6 +338,17 @@ impl Hub {
             .headers()
             .get("content-length")
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        // The Hugging Face Hub publishes an LFS file's SHA-256 as its ETag.
+        let etag = ["x-linked-etag", "etag"]
+            .iter()
+            .find_map(|h| response.headers().get(*h)?.to_str().ok())
+            .map(|v| {
+                v.trim_start_matches("W/")
+                    .trim_matches('"')
+                    .to_ascii_lowercase()
+            })
+            .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()));
+        let expected = source.sha256.map(str::to_string).or(etag);
         let mut body = response
             .body_mut()
             .with_config()
@@ -262,7 +356,10 @@ impl Hub {
             .reader();
         let mut tmp = crate::output::temporary_beside(target).map_err(io_error(target))?;
         observer.task_started(
-            &format!("downloading {}", weights.file_name()),
+            &format!(
+                "downloading {}",
+                target.file_name().unwrap_or_default().to_string_lossy()
+            ),
             total.unwrap_or(0),
         );
         let mut hasher = Sha256::new();
@@ -282,8 +379,13 @@ impl Hub {
         observer.task_finished();
         copied?;
         let actual = format!("{:x}", hasher.finalize());
-        check_digest(&url, &actual, weights.sha256)?;
-        let bytes_file = match weights.member {
+        match &expected {
+            Some(expected) => check_digest(&url, &actual, expected)?,
+            None => observer.warning(&format!(
+                "{url}: no digest is published, so the download is not verified (SHA-256 {actual})"
+            )),
+        }
+        let bytes_file = match source.member {
             Some((member, sha)) => extract_member(tmp.path(), member, sha, target)?,
             None => tmp,
         };
@@ -293,6 +395,14 @@ impl Hub {
             .map_err(|e| io_error(target)(e.error))?;
         Ok(())
     }
+}
+
+/// What to download: the URL, its digest (taken from the response's ETag when `None`)
+/// and the archive member to keep, if any.
+struct Source {
+    url: String,
+    sha256: Option<&'static str>,
+    member: Option<(&'static str, &'static str)>,
 }
 
 /// The archive member `member` of the zip at `archive`, checked, in a temporary file
@@ -369,14 +479,20 @@ pub enum WeightsRef {
     File(PathBuf),
     /// Registered weights, fetched through a [`Hub`].
     Registered(&'static Weights),
+    /// timm weights on the Hugging Face Hub: `hf-hub:timm/resnet50.tv_in1k`.
+    HuggingFace(String),
 }
 
 impl WeightsRef {
-    /// Read `--weights TEXT`: a path that exists is a path; otherwise a registered name
-    /// (`ARCH.TAG` or `ARCH`); anything else is taken as a path (and fails as one).
+    /// Read `--weights TEXT`: a path that exists is a path; otherwise `hf-hub:ORG/NAME`
+    /// or a registered name (`ARCH.TAG` or `ARCH`); anything else is taken as a path (and
+    /// fails as one).
     pub fn parse(text: &Path) -> WeightsRef {
         if text.exists() {
             return WeightsRef::File(text.to_path_buf());
+        }
+        if let Some(repo) = text.to_str().and_then(|t| t.strip_prefix("hf-hub:")) {
+            return WeightsRef::HuggingFace(repo.to_string());
         }
         match text.to_str().and_then(find) {
             Some(weights) => WeightsRef::Registered(weights),
@@ -393,6 +509,7 @@ impl WeightsRef {
     ) -> Result<(PathBuf, Option<&'static Weights>), HubError> {
         match self {
             WeightsRef::Registered(w) => Ok((hub.fetch(w, observer)?, Some(*w))),
+            WeightsRef::HuggingFace(repo) => Ok((hub.fetch_hf(repo, observer)?, None)),
             WeightsRef::File(path) => {
                 let name = path.file_name().and_then(|n| n.to_str());
                 let known = registered()

@@ -211,3 +211,73 @@ fn names_resolve_to_tags_and_bare_architectures_to_their_default() {
     assert!(find("resnet50.IMAGENET1K_V9").is_none());
     assert!(find("resnet51").is_none());
 }
+
+/// The fixture as the `model.safetensors` a Hub repository holds, and its SHA-256.
+fn fixture_safetensors(dir: &Path) -> (Vec<u8>, String) {
+    let sd = retrain::checkpoint::read(&fixture(), None).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = sd
+        .iter()
+        .map(|(k, t)| (k.to_string(), t.shape.clone(), t.data.clone()))
+        .collect();
+    let path = dir.join("model.safetensors");
+    retrain::output::write_safetensors(&path, &tensors).unwrap();
+    (std::fs::read(&path).unwrap(), sha256_of(&path).unwrap())
+}
+
+#[test]
+fn hugging_face_weights_download_checked_against_the_published_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bytes, sha) = fixture_safetensors(dir.path());
+    let server = Server::with_header(bytes.clone(), usize::MAX, format!("ETag: \"{sha}\"\r\n"));
+    let hub = Hub {
+        hf_endpoint: server.base.clone(),
+        ..Hub::in_dir(dir.path().join("cache"))
+    };
+    let path = hub
+        .fetch_hf("timm/resnet18_w16", &Silent)
+        .expect("download");
+    assert_eq!(
+        path,
+        dir.path()
+            .join("cache/hf/timm--resnet18_w16/model.safetensors")
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    let spec = retrain::models::detect(&retrain::checkpoint::read(&path, None).unwrap());
+    assert_eq!(spec.unwrap().arch.name(), "resnet18");
+    hub.fetch_hf("timm/resnet18_w16", &Silent).unwrap();
+    assert_eq!(server.requests(), 1, "the second fetch is a cache hit");
+
+    let liar = Server::with_header(
+        bytes,
+        usize::MAX,
+        format!("ETag: \"{}\"\r\n", "0".repeat(64)),
+    );
+    let hub = Hub {
+        hf_endpoint: liar.base.clone(),
+        ..Hub::in_dir(dir.path().join("cache2"))
+    };
+    let err = hub.fetch_hf("timm/resnet18_w16", &Silent).unwrap_err();
+    assert!(matches!(err, HubError::Mismatch { .. }), "{err}");
+    assert!(files(&dir.path().join("cache2/hf/timm--resnet18_w16")).is_empty());
+    let err = hub.fetch_hf("../../etc", &Silent).unwrap_err();
+    assert!(matches!(err, HubError::BadName(_)), "{err}");
+}
+
+#[test]
+fn the_hugging_face_cache_is_used_where_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("hf/hub/models--timm--resnet18_w16");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd\n").unwrap();
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    fixture_safetensors(&snapshot);
+    let hub = Hub {
+        hf_endpoint: "http://127.0.0.1:9".into(),
+        hf_cache: Some(dir.path().join("hf/hub")),
+        offline: true,
+        ..Hub::in_dir(dir.path().join("cache"))
+    };
+    let path = hub.fetch_hf("timm/resnet18_w16", &Silent).unwrap();
+    assert_eq!(path, snapshot.join("model.safetensors"));
+}
