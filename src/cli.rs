@@ -42,8 +42,11 @@ enum Command {
     /// List a checkpoint's tensors and recognise its architecture.
     Inspect {
         /// A checkpoint file, or registered weights (`resnet18.IMAGENET1K_V1`).
-        #[arg(value_name = "FILE_OR_NAME")]
-        file: PathBuf,
+        #[arg(value_name = "FILE_OR_NAME", required_unless_present = "weights")]
+        file: Option<PathBuf>,
+        /// The same, as the other commands take it.
+        #[arg(long, value_name = "FILE_OR_NAME", conflicts_with = "file")]
+        weights: Option<PathBuf>,
         /// Dotted key of a nested state dict (e.g. `state_dict`).
         #[arg(long)]
         key: Option<String>,
@@ -285,7 +288,7 @@ fn synth_size(text: &str) -> Result<u32, String> {
 }
 
 /// The observer and cancellation token of this process: progress on the terminal, and
-/// Ctrl-C asking a running job to save and stop.
+/// (for commands that train) Ctrl-C asking the job to save and stop.
 struct Session {
     terminal: Terminal,
     cancellation: Cancellation,
@@ -293,11 +296,19 @@ struct Session {
 }
 
 impl Session {
-    fn new() -> Self {
+    /// `trains`: the command checks the cancellation token, so Ctrl-C sets it (a second
+    /// Ctrl-C exits at once); other commands keep Ctrl-C's default, which ends the process.
+    fn new(trains: bool) -> Self {
         let cancellation = Cancellation::new();
-        let on_interrupt = cancellation.clone();
-        // Without a handler (another one is installed) Ctrl-C simply ends the process.
-        let _ = ctrlc::set_handler(move || on_interrupt.cancel());
+        if trains {
+            let on_interrupt = cancellation.clone();
+            let _ = ctrlc::set_handler(move || {
+                if on_interrupt.is_cancelled() {
+                    std::process::exit(130);
+                }
+                on_interrupt.cancel();
+            });
+        }
         Self {
             terminal: Terminal::default(),
             cancellation,
@@ -318,10 +329,22 @@ impl Session {
 /// Run the parsed command.
 pub fn run(invocation: Invocation) -> anyhow::Result<()> {
     let Invocation { cli, matches } = invocation;
-    let session = Session::new();
+    let trains = matches!(
+        cli.command,
+        Command::Train(_) | Command::Compare(_) | Command::Demo { .. }
+    );
+    let session = Session::new(trains);
     let job = session.job();
     match cli.command {
-        Command::Inspect { file, key, json } => inspect(&file, key.as_deref(), json, &job),
+        Command::Inspect {
+            file,
+            weights,
+            key,
+            json,
+        } => {
+            let file = file.or(weights).expect("clap requires one");
+            inspect(&file, key.as_deref(), json, &job)
+        }
         Command::Weights { arch, json } => weights_command(arch, json, &job.hub),
         Command::Modules {
             arch,
@@ -369,7 +392,7 @@ pub fn run(invocation: Invocation) -> anyhow::Result<()> {
             per_class,
             size,
             seed,
-        } => synth::write_dataset(&out, kind, per_class, size, seed),
+        } => Ok(synth::write_dataset(&out, kind, per_class, size, seed)?),
     }
 }
 

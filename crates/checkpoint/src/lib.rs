@@ -5,7 +5,7 @@
 //! `pytorch-reader` crate, which only understands the calls PyTorch uses to rebuild tensors
 //! and honours stored strides and storage offsets. Before it runs, [`crate::pickle_scan`]
 //! refuses any pickle that names a global outside the allowlist of
-//! `torch.load(weights_only=True)`. [`write`] serialises state dicts the other way.
+//! `torch.load(weights_only=True)`. [`mod@write`] serialises state dicts the other way.
 
 #![warn(missing_docs)]
 
@@ -165,7 +165,7 @@ impl StateDict {
 const NESTING_KEYS: [&str; 4] = ["state_dict", "model_state_dict", "model", "net"];
 
 /// Read a checkpoint. `key` selects a nested state dict by dotted path (`--key`); without it
-/// a state dict nested under one of [`NESTING_KEYS`] is found automatically. A `module.`
+/// a state dict nested under `state_dict`, `model_state_dict`, `model` or `net` is found automatically. A `module.`
 /// prefix on every key (DataParallel) is stripped.
 pub fn read(path: &Path, key: Option<&str>) -> Result<StateDict, CheckpointError> {
     read_with(path, key, true)

@@ -36,7 +36,7 @@ use cpu::ConvGeometry;
 #[backend_extension(Flex, Autodiff)]
 pub trait Kernels: Backend {
     /// A bias-free 2-D convolution: native forward and backward (burn-flex's own forward for
-    /// depthwise convolutions, and burn's generic code for what [`ConvGeometry`] rejects).
+    /// depthwise convolutions, and burn's generic code for what the native geometry rejects).
     fn conv2d_native(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use image::RgbImage;
 use image::imageops::FilterType;
 use rand::rngs::StdRng;
@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::error::{Result, bail};
 use crate::preprocess::{Interpolation, Preprocess, decode_bytes, to_chw};
 
 const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "webp", "gif", "jfif"];
@@ -125,7 +126,7 @@ pub struct Found {
 impl Found {
     /// Walk `dir`, each directory once: a symbolic link back to a folder already walked
     /// (a loop) is reported and not followed, and only regular files are taken.
-    pub fn walk(dir: &Path) -> anyhow::Result<Found> {
+    pub fn walk(dir: &Path) -> Result<Found> {
         let mut found = Found::default();
         found.enter(dir, &mut HashSet::new())?;
         found.files.sort();
@@ -247,7 +248,7 @@ fn entries(root: &Path, files: Vec<(PathBuf, usize)>) -> anyhow::Result<Vec<Entr
 impl Split {
     /// Use `dir/train` and `dir/val` when both exist; otherwise split `dir`'s class folders,
     /// stratified per class, `val_fraction` of each class (at least one image) to val.
-    pub fn make(dir: &Path, val_fraction: f64, seed: u64) -> anyhow::Result<Split> {
+    pub fn make(dir: &Path, val_fraction: f64, seed: u64) -> Result<Split> {
         let mut warnings = Vec::new();
         let (classes, train, val) = if dir.join("train").is_dir() && dir.join("val").is_dir() {
             let train = scan_classes(dir, &dir.join("train"), &mut warnings)?;
@@ -323,7 +324,7 @@ impl Split {
 
     /// A split read back from `file`: every path relative and inside the data folder, every
     /// label one of its classes.
-    pub fn check(self, file: &Path) -> anyhow::Result<Split> {
+    pub fn check(self, file: &Path) -> Result<Split> {
         if self.classes.is_empty() {
             bail!("{}: no classes", file.display());
         }

@@ -3,7 +3,7 @@
 //! with it, with its context ("RUN/config.json: not valid: ...").
 
 use crate::checkpoint::CheckpointError;
-use crate::hub::HubError;
+use std::path::PathBuf;
 
 /// What went wrong in a library call.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,57 @@ pub struct Interrupted(pub String);
     "{0}: already holds a run; continue it with --resume {0}, or pass --overwrite to remove it and start over"
 )]
 pub struct RunExists(pub String);
+
+/// Why weights could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// A file's digest is not the registered one.
+    #[error("{}: SHA-256 {actual} does not match the registered {expected}{advice}", file.display())]
+    Mismatch {
+        /// The file.
+        file: PathBuf,
+        /// The registered digest (or its prefix).
+        expected: String,
+        /// The file's digest.
+        actual: String,
+        /// What to do about it.
+        advice: &'static str,
+    },
+    /// Offline mode, and the file is in neither cache.
+    #[error(
+        "{name}: RETRAIN_OFFLINE is set and {file} is not cached; download {url} and put it in {}",
+        dir.display()
+    )]
+    Offline {
+        /// The weights' name.
+        name: String,
+        /// Their file name.
+        file: String,
+        /// Where they are published.
+        url: String,
+        /// retrain's checkpoint cache.
+        dir: PathBuf,
+    },
+    /// A name that cannot be registered weights or a Hub repository.
+    #[error("{0}: not a Hugging Face repository id (hf-hub:ORG/NAME)")]
+    BadName(String),
+    /// The download failed.
+    #[error("{url}: download failed: {message}")]
+    Download {
+        /// What was being fetched.
+        url: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
 
 /// A library call's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -56,5 +56,5 @@ pub fn export(model: &Model, path: &Path) -> Result<()> {
 pub fn write_weights(path: &Path, model: &Model) -> Result<()> {
     let bytes =
         safetensors_bytes(&state_dict(model)).with_context(|| format!("{}", path.display()))?;
-    Ok(write_atomic(path, &bytes)?)
+    write_atomic(path, &bytes)
 }

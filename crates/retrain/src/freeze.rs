@@ -4,13 +4,13 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::bail;
 use burn::module::{Flag, Module, ModuleMapper, Param};
 use burn::prelude::*;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, bridge};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::error::{Result, bail};
 use crate::models::{Model, ModelSpec};
 use crate::modules::named_modules;
 
@@ -84,7 +84,7 @@ fn model_tensor_names(model: &Model) -> Vec<String> {
 /// part, as `compare` freezes it), or a comma list of the family's group names (`stem`,
 /// `layer1`, `stage3`; see [`crate::models::Variant::freeze_groups`]), module-name prefixes
 /// (`features.0,features.1`) and index ranges in a sequential container (`features.0-13`).
-pub fn parse_spec(spec: &str, model_spec: &ModelSpec, model: &Model) -> anyhow::Result<FreezeSet> {
+pub fn parse_spec(spec: &str, model_spec: &ModelSpec, model: &Model) -> Result<FreezeSet> {
     let groups = model_spec.family.freeze_groups();
     let partial;
     let spec_text = match spec.trim() {

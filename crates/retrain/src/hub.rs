@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+pub use crate::error::HubError;
 use crate::models::Arch;
 pub use crate::models::weights::{Weights, torchvision};
 use crate::preprocess::Preprocess;
@@ -73,57 +74,6 @@ pub fn listing(arch: Option<Arch>, hub: &Hub) -> Vec<WeightsEntry> {
             cached: hub.cached(w).is_some(),
         })
         .collect()
-}
-
-/// Why weights could not be had.
-#[derive(Debug, thiserror::Error)]
-pub enum HubError {
-    /// A file's digest is not the registered one.
-    #[error("{}: SHA-256 {actual} does not match the registered {expected}{advice}", file.display())]
-    Mismatch {
-        /// The file.
-        file: PathBuf,
-        /// The registered digest (or its prefix).
-        expected: String,
-        /// The file's digest.
-        actual: String,
-        /// What to do about it.
-        advice: &'static str,
-    },
-    /// Offline mode, and the file is in neither cache.
-    #[error(
-        "{name}: RETRAIN_OFFLINE is set and {file} is not cached; download {url} and put it in {}",
-        dir.display()
-    )]
-    Offline {
-        /// The weights' name.
-        name: String,
-        /// Their file name.
-        file: String,
-        /// Where they are published.
-        url: String,
-        /// retrain's checkpoint cache.
-        dir: PathBuf,
-    },
-    /// A name that cannot be registered weights or a Hub repository.
-    #[error("{0}: not a Hugging Face repository id (hf-hub:ORG/NAME)")]
-    BadName(String),
-    /// The download failed.
-    #[error("{url}: download failed: {message}")]
-    Download {
-        /// What was being fetched.
-        url: String,
-        /// Why it failed.
-        message: String,
-    },
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Context;
 use burn::prelude::*;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, bridge};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, StateDict};
 use crate::error::{Result, bail};
@@ -176,7 +176,7 @@ pub struct Loaded {
 }
 
 /// Options of a load, as the CLI passes them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoadOptions {
     /// Architecture the checkpoint must be; detected from its keys when `None`.
     pub arch: Option<Arch>,

@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::Context;
 
 use crate::checkpoint::write::{NamedTensor, Values, safetensors_bytes};
+use crate::error::Result;
 
 /// Temporary files of [`write_atomic`] are named `.retrain-XXXXXX.tmp`, so that those a
 /// kill left behind can be recognised and removed.
@@ -34,7 +35,7 @@ pub fn temporary_beside(path: &Path) -> std::io::Result<tempfile::NamedTempFile>
 
 /// Write `bytes` to a temporary file beside `path`, flush it to disk, and rename it over
 /// `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = temporary_beside(path).with_context(|| {
         format!(
             "{}: cannot create a temporary file beside it",
@@ -51,10 +52,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Write named f32 tensors as a safetensors file.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-) -> anyhow::Result<()> {
+pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
     let named: Vec<NamedTensor> = tensors
         .iter()
         .map(|(name, shape, values)| NamedTensor {
@@ -68,14 +66,15 @@ pub fn write_safetensors(
 }
 
 /// Read `path` as JSON, naming the file in the error.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| format!("{}: not valid", path.display()))
+    Ok(serde_json::from_slice(&bytes).with_context(|| format!("{}: not valid", path.display()))?)
 }
 
 /// Write `value` to `path` as pretty-printed JSON, atomically (see [`write_atomic`]).
-pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
-    let mut text = serde_json::to_string_pretty(value)?;
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value)
+        .with_context(|| format!("{}: cannot serialise", path.display()))?;
     text.push('\n');
     write_atomic(path, text.as_bytes())
 }

@@ -88,7 +88,7 @@ impl Classifier {
                         let row = probs.next().expect("one row per decoded image");
                         (Ok(self.top(&row, top_k)), warning)
                     }
-                    Err(e) => (Err(e.into()), None),
+                    Err(e) => (Err(e), None),
                 };
                 out.push(Prediction {
                     image: image.clone(),

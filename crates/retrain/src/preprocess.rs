@@ -5,9 +5,10 @@ use std::path::Path;
 
 use std::io::Cursor;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
+use crate::error::{Result, bail};
 pub use crate::resample::Interpolation;
 use crate::resample::resize_window;
 use serde::{Deserialize, Serialize};
@@ -64,8 +65,8 @@ pub struct Decoded {
 }
 
 /// The bytes of an image file: only a regular file (a FIFO named `x.png` would block the
-/// reader forever) and at most [`MAX_FILE_BYTES`].
-pub fn read_image_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+/// reader forever) and at most 1 GiB.
+pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
     let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
     if !meta.is_file() {
         bail!("{}: not a regular file", path.display());
@@ -77,17 +78,17 @@ pub fn read_image_file(path: &Path) -> anyhow::Result<Vec<u8>> {
             meta.len()
         );
     }
-    std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
+    Ok(std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?)
 }
 
 /// Decode an image file to RGB, applying its EXIF orientation. Grayscale, palette, alpha
 /// and 16-bit images become 8-bit RGB; an animated GIF gives its first frame.
-pub fn decode(path: &Path) -> anyhow::Result<Decoded> {
+pub fn decode(path: &Path) -> Result<Decoded> {
     decode_bytes(path, &read_image_file(path)?)
 }
 
 /// [`decode`] of bytes already read from `path` (named in messages).
-pub fn decode_bytes(path: &Path, bytes: &[u8]) -> anyhow::Result<Decoded> {
+pub fn decode_bytes(path: &Path, bytes: &[u8]) -> Result<Decoded> {
     let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: {e}", path.display());
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -189,7 +190,7 @@ impl Preprocess {
     }
 
     /// Decode and transform one file; the warning of a damaged file that still decoded.
-    pub fn load(&self, path: &Path) -> anyhow::Result<(Vec<f32>, Option<String>)> {
+    pub fn load(&self, path: &Path) -> Result<(Vec<f32>, Option<String>)> {
         let decoded = decode(path)?;
         Ok((self.eval(&decoded.image), decoded.warning))
     }

@@ -8,6 +8,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
+use crate::error::Result;
 use crate::train::EpochMetrics;
 
 /// One regime's curves and the colour it is drawn in.
@@ -47,7 +48,7 @@ fn draw_error<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> anyhow::Error + 
 }
 
 /// Loss (left) and accuracy (right) against epoch; train dashed, validation solid.
-pub fn plot_curves(curves: &[Curves], title: &str, png: &Path, svg: &Path) -> anyhow::Result<()> {
+pub fn plot_curves(curves: &[Curves], title: &str, png: &Path, svg: &Path) -> Result<()> {
     register_font();
     let size = (1200, 520);
     {
@@ -156,11 +157,7 @@ fn draw_legend<DB: DrawingBackend>(
 }
 
 /// A confusion matrix as a heat map: rows true class, columns predicted, counts written in.
-pub fn plot_confusion(
-    matrix: &[Vec<usize>],
-    classes: &[String],
-    path: &Path,
-) -> anyhow::Result<()> {
+pub fn plot_confusion(matrix: &[Vec<usize>], classes: &[String], path: &Path) -> Result<()> {
     register_font();
     let n = classes.len();
     let cell = (480 / n.max(1)).clamp(24, 80) as u32;

@@ -12,6 +12,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
+use crate::error::Result;
+
 /// Which class set to draw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -110,13 +112,7 @@ pub fn draw(class: &str, size: u32, rng: &mut impl Rng) -> RgbImage {
 }
 
 /// Write `per_class` PNG images per class of `kind` into `out/CLASS/NNNN.png`.
-pub fn write_dataset(
-    out: &Path,
-    kind: Kind,
-    per_class: usize,
-    size: u32,
-    seed: u64,
-) -> anyhow::Result<()> {
+pub fn write_dataset(out: &Path, kind: Kind, per_class: usize, size: u32, seed: u64) -> Result<()> {
     for (c, class) in kind.classes().iter().enumerate() {
         let dir = out.join(class);
         std::fs::create_dir_all(&dir)

@@ -1441,7 +1441,7 @@ fn write_metrics(out: &Path, history: &[EpochMetrics]) -> anyhow::Result<()> {
         jsonl.push('\n');
     }
     write_atomic(&out.join("metrics.csv"), csv.as_bytes())?;
-    write_atomic(&out.join("metrics.jsonl"), jsonl.as_bytes())
+    Ok(write_atomic(&out.join("metrics.jsonl"), jsonl.as_bytes())?)
 }
 
 /// Write `last/` beside the run as `last.tmp/`, then swap it in, so a crash leaves either

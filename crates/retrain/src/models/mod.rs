@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 pub use family::{Architecture, Detected, Family, FreezeGroup};
 
 use crate::checkpoint::StateDict;
+use crate::error::Result;
 use crate::preprocess::Preprocess;
 use weights::Weights;
 
@@ -389,9 +390,9 @@ impl ModelSpec {
 }
 
 /// A tensor's values as f32, row-major.
-pub fn to_vec<const D: usize>(t: Tensor<D>) -> anyhow::Result<Vec<f32>> {
-    t.try_into_vec_as::<f32>()
-        .map_err(|e| anyhow::anyhow!("reading a tensor back: {e:?}"))
+pub fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+    Ok(t.try_into_vec_as::<f32>()
+        .map_err(|e| anyhow::anyhow!("reading a tensor back: {e:?}"))?)
 }
 
 /// Describe a spec for messages: `mobilenet_v2 (width 0.25)`.
