@@ -44,6 +44,10 @@ fn the_listing_holds_every_torchvision_weight_exactly() {
             "resnet34.IMAGENET1K_V1",
             "resnet50.IMAGENET1K_V1",
             "resnet50.IMAGENET1K_V2",
+            "resnet101.IMAGENET1K_V1",
+            "resnet101.IMAGENET1K_V2",
+            "resnet152.IMAGENET1K_V1",
+            "resnet152.IMAGENET1K_V2",
             "efficientnet_lite0.IMAGENET1K_V1",
         ]
     );
@@ -66,7 +70,7 @@ fn the_listing_holds_every_torchvision_weight_exactly() {
     assert_eq!(p["interpolation"], "bilinear");
     assert_eq!(p["mean"][0].as_f64().unwrap() as f32, 0.485);
     assert_eq!(p["std"][2].as_f64().unwrap() as f32, 0.225);
-    let lite = &list[6];
+    let lite = &list[10];
     assert_eq!(
         lite["sha256"],
         "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be"

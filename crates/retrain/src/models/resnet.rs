@@ -1,5 +1,6 @@
-//! torchvision's ResNet family: `resnet18`, `resnet34` (basic blocks) and `resnet50`
-//! (bottlenecks, stride on the 3x3 conv as in torchvision's "v1.5").
+//! torchvision's ResNet family: `resnet18`, `resnet34` (basic blocks), `resnet50`,
+//! `resnet101` and `resnet152` (bottlenecks, stride on the 3x3 conv as in torchvision's
+//! "v1.5").
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -186,6 +187,42 @@ impl Bottleneck {
     }
 }
 
+const RESNET101_WEIGHTS: &[Weights] = &[
+    torchvision::weights(
+        "resnet101",
+        "IMAGENET1K_V1",
+        "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+        77.374,
+        torchvision::preprocess(224, 256),
+    ),
+    torchvision::weights(
+        "resnet101",
+        "IMAGENET1K_V2",
+        "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
+        81.886,
+        torchvision::preprocess(224, 232),
+    )
+    .default(),
+];
+
+const RESNET152_WEIGHTS: &[Weights] = &[
+    torchvision::weights(
+        "resnet152",
+        "IMAGENET1K_V1",
+        "https://download.pytorch.org/models/resnet152-394f9c45.pth",
+        78.312,
+        torchvision::preprocess(224, 256),
+    ),
+    torchvision::weights(
+        "resnet152",
+        "IMAGENET1K_V2",
+        "https://download.pytorch.org/models/resnet152-f82ba261.pth",
+        82.284,
+        torchvision::preprocess(224, 232),
+    )
+    .default(),
+];
+
 /// A residual block; variants named after torchvision's classes.
 #[allow(missing_docs)]
 // A network is built once and moved rarely; boxing the variants buys nothing.
@@ -294,6 +331,16 @@ impl Family for ResNet {
             name: "resnet50",
             variant: ResNetSpec::standard(BlockKind::Bottleneck, [3, 4, 6, 3]),
             weights: RESNET50_WEIGHTS,
+        },
+        Architecture {
+            name: "resnet101",
+            variant: ResNetSpec::standard(BlockKind::Bottleneck, [3, 4, 23, 3]),
+            weights: RESNET101_WEIGHTS,
+        },
+        Architecture {
+            name: "resnet152",
+            variant: ResNetSpec::standard(BlockKind::Bottleneck, [3, 8, 36, 3]),
+            weights: RESNET152_WEIGHTS,
         },
     ];
     const HEAD: [&'static str; 2] = ["fc.weight", "fc.bias"];
