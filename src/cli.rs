@@ -231,8 +231,9 @@ impl WeightsArgs {
             .weights
             .as_deref()
             .context("--weights FILE_OR_NAME is required for this command")?;
-        let (path, registered) = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
-        let loaded = load_pretrained(&path, &self.options(arch, num_classes), job.device)?;
+        let resolved = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
+        let options = self.options(arch, num_classes);
+        let loaded = load_pretrained(&resolved.path, &options, job.device)?;
         eprintln!("{}", loaded.report);
         if let Some(out) = &self.load_report {
             write_atomic(
@@ -243,7 +244,7 @@ impl WeightsArgs {
         if !self.allow_non_finite {
             loaded.report.refuse_non_finite()?;
         }
-        Ok((loaded, registered))
+        Ok((loaded, resolved.weights))
     }
 }
 
@@ -408,8 +409,11 @@ fn compare_command(args: CompareArgs, job: &Job) -> anyhow::Result<()> {
     // `partial` freezes the lower part of the network the weights hold.
     let detected = match &options.weights {
         Some(text) => {
-            let (path, _) = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
-            detect(&checkpoint::read_layout(&path, options.key.as_deref())?)
+            let resolved = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
+            detect(&checkpoint::read_layout(
+                &resolved.path,
+                options.key.as_deref(),
+            )?)
         }
         None => None,
     };
@@ -542,8 +546,8 @@ struct InspectOutput<'a> {
 }
 
 fn inspect(text: &Path, key: Option<&str>, json: bool, job: &Job) -> anyhow::Result<()> {
-    let (file, _) = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
-    let file = file.as_path();
+    let resolved = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
+    let file = resolved.path.as_path();
     let sd = checkpoint::read_layout(file, key)?;
     let detected = detect(&sd);
     let out = InspectOutput {

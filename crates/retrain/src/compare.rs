@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Split, first_ten};
 use crate::error::{Result, bail};
-use crate::hub::{WeightsRef, sha256_of};
+use crate::hub::WeightsRef;
 use crate::job::Job;
 use crate::output::{read_json, write_atomic, write_json};
 use crate::report::{Curves, plot_curves, regime_color};
@@ -160,8 +160,8 @@ pub fn compare(
     write_json(&split_path, &split)?;
     let weights_sha256 = match &base.weights {
         Some(text) => {
-            let (path, _) = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
-            Some(sha256_of(&path)?)
+            let resolved = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
+            Some(resolved.sha256()?)
         }
         None => None,
     };

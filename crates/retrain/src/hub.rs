@@ -220,22 +220,28 @@ impl Hub {
 
     /// The path of the weights' file, verified, downloading it if no cache has it.
     pub fn fetch(&self, weights: &Weights, observer: &dyn Observer) -> Result<PathBuf, HubError> {
+        self.fetch_verified(weights, observer).map(|(path, _)| path)
+    }
+
+    /// [`Hub::fetch`], with the file's full SHA-256 that the check computed.
+    fn fetch_verified(
+        &self,
+        weights: &Weights,
+        observer: &dyn Observer,
+    ) -> Result<(PathBuf, String), HubError> {
         let file = weights.file_name();
         let expected = weights.file_sha256();
         let ours = self.cache.join(file);
         if ours.is_file() {
-            verify(&ours, expected, "; delete it to download it again")?;
-            return Ok(ours);
+            let sha = verify(&ours, expected, "; delete it to download it again")?;
+            return Ok((ours, sha));
         }
         if let Some(theirs) = self.torch_cache.as_ref().map(|d| d.join(file))
             && theirs.is_file()
         {
-            verify(
-                &theirs,
-                expected,
-                " (left where it is, in torch.hub's cache)",
-            )?;
-            return Ok(theirs);
+            let advice = " (left where it is, in torch.hub's cache)";
+            let sha = verify(&theirs, expected, advice)?;
+            return Ok((theirs, sha));
         }
         if self.offline {
             return Err(HubError::Offline {
@@ -250,8 +256,8 @@ impl Hub {
             sha256: Some(weights.sha256),
             member: weights.member,
         };
-        self.download(&source, &ours, observer)?;
-        Ok(ours)
+        let sha = self.download(&source, &ours, observer)?;
+        Ok((ours, sha))
     }
 
     fn url(&self, weights: &Weights) -> String {
@@ -264,13 +270,14 @@ impl Hub {
         }
     }
 
-    /// Download into a temporary file beside `target`, check it, then rename it.
+    /// Download into a temporary file beside `target`, check it, then rename it; returns
+    /// the SHA-256 of what was saved.
     fn download(
         &self,
         source: &Source,
         target: &Path,
         observer: &dyn Observer,
-    ) -> Result<(), HubError> {
+    ) -> Result<String, HubError> {
         let dir = target.parent().unwrap_or(&self.cache);
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let url = source.url.clone();
@@ -335,15 +342,15 @@ impl Hub {
                 "{url}: no digest is published, so the download is not verified (SHA-256 {actual})"
             )),
         }
-        let bytes_file = match source.member {
+        let (bytes_file, saved_sha) = match source.member {
             Some((member, sha)) => extract_member(tmp.path(), member, sha, target)?,
-            None => tmp,
+            None => (tmp, actual),
         };
         bytes_file.as_file().sync_all().map_err(io_error(target))?;
         bytes_file
             .persist(target)
             .map_err(|e| io_error(target)(e.error))?;
-        Ok(())
+        Ok(saved_sha)
     }
 }
 
@@ -356,13 +363,13 @@ struct Source {
 }
 
 /// The archive member `member` of the zip at `archive`, checked, in a temporary file
-/// beside `target`.
+/// beside `target`, with its SHA-256.
 fn extract_member(
     archive: &Path,
     member: &str,
     sha256: &str,
     target: &Path,
-) -> Result<tempfile::NamedTempFile, HubError> {
+) -> Result<(tempfile::NamedTempFile, String), HubError> {
     let bad = |message: String| HubError::Download {
         url: archive.display().to_string(),
         message,
@@ -383,8 +390,9 @@ fn extract_member(
         hasher.update(&buffer[..n]);
         out.write_all(&buffer[..n]).map_err(io_error(target))?;
     }
-    check_digest(member, &format!("{:x}", hasher.finalize()), sha256)?;
-    Ok(out)
+    let actual = format!("{:x}", hasher.finalize());
+    check_digest(member, &actual, sha256)?;
+    Ok((out, actual))
 }
 
 fn check_digest(what: &str, actual: &str, expected: &str) -> Result<(), HubError> {
@@ -400,11 +408,11 @@ fn check_digest(what: &str, actual: &str, expected: &str) -> Result<(), HubError
     }
 }
 
-/// Check a cached file against its registered digest.
-fn verify(path: &Path, expected: &str, advice: &'static str) -> Result<(), HubError> {
+/// Check a cached file against its registered digest; returns its full SHA-256.
+fn verify(path: &Path, expected: &str, advice: &'static str) -> Result<String, HubError> {
     let actual = sha256_of(path)?;
     if actual.starts_with(&expected.to_ascii_lowercase()) {
-        return Ok(());
+        return Ok(actual);
     }
     Err(HubError::Mismatch {
         file: path.to_path_buf(),
@@ -452,21 +460,52 @@ impl WeightsRef {
 
     /// The checkpoint file (fetched if need be) and the registered weights it holds:
     /// those named, or those whose file name it has.
-    pub fn resolve(
-        &self,
-        hub: &Hub,
-        observer: &dyn Observer,
-    ) -> Result<(PathBuf, Option<&'static Weights>), HubError> {
+    pub fn resolve(&self, hub: &Hub, observer: &dyn Observer) -> Result<Resolved, HubError> {
         match self {
-            WeightsRef::Registered(w) => Ok((hub.fetch(w, observer)?, Some(*w))),
-            WeightsRef::HuggingFace(repo) => Ok((hub.fetch_hf(repo, observer)?, None)),
+            WeightsRef::Registered(w) => {
+                let (path, sha256) = hub.fetch_verified(w, observer)?;
+                Ok(Resolved {
+                    path,
+                    weights: Some(*w),
+                    sha256: Some(sha256),
+                })
+            }
+            WeightsRef::HuggingFace(repo) => Ok(Resolved {
+                path: hub.fetch_hf(repo, observer)?,
+                weights: None,
+                sha256: None,
+            }),
             WeightsRef::File(path) => {
                 let name = path.file_name().and_then(|n| n.to_str());
-                let known = registered()
-                    .into_iter()
-                    .find(|w| Some(w.file_name()) == name);
-                Ok((path.clone(), known))
+                Ok(Resolved {
+                    path: path.clone(),
+                    weights: registered()
+                        .into_iter()
+                        .find(|w| Some(w.file_name()) == name),
+                    sha256: None,
+                })
             }
+        }
+    }
+}
+
+/// A checkpoint file that `--weights` resolved to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// The file.
+    pub path: PathBuf,
+    /// The registered weights it holds, if known.
+    pub weights: Option<&'static Weights>,
+    /// Its SHA-256, where resolving already computed it.
+    sha256: Option<String>,
+}
+
+impl Resolved {
+    /// The file's SHA-256 (computed once: verifying registered weights already did).
+    pub fn sha256(&self) -> Result<String, HubError> {
+        match &self.sha256 {
+            Some(sha) => Ok(sha.clone()),
+            None => sha256_of(&self.path),
         }
     }
 }

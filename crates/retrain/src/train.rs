@@ -22,7 +22,7 @@ pub use crate::error::{Interrupted, RunExists};
 use crate::error::{Result, bail};
 use crate::export::write_weights;
 use crate::freeze::{self, FreezeSet, FrozenBn};
-use crate::hub::{WeightsRef, sha256_of};
+use crate::hub::WeightsRef;
 use crate::job::Job;
 use crate::load::{LoadOptions, LoadReport, load_pretrained, torch_tensors};
 use crate::models::{Arch, Model, ModelSpec, PretrainedConfig, to_vec};
@@ -489,10 +489,12 @@ pub fn train_on_split(
     let device = job.device.clone().autodiff();
     // The seed also fixes the new head's initial weights.
     device.seed(options.seed);
-    let start = build_model(options, split.classes.len(), &device, job)?;
-    let weights_sha256 = start.weights_sha256.clone();
-    let report = start.report.clone();
-    let session = Session::new(options.clone(), split, job, start)?;
+    let Start {
+        network,
+        report,
+        weights_sha256,
+    } = build_model(options, split.classes.len(), &device, job)?;
+    let session = Session::new(options.clone(), split, job, network)?;
     if holds_run(out) {
         remove_run(out)?;
         job.observer
@@ -567,14 +569,12 @@ pub fn resume(out: &Path, epochs: Option<usize>, job: &Job) -> Result<RunSummary
         .build(&device)
         .try_load_file(last.join("model.bpk"))
         .map_err(|e| anyhow::anyhow!("{}: cannot load: {e}", last.join("model.bpk").display()))?;
-    let start = Start {
+    let network = Network {
         model,
         spec: config.model.clone(),
         pretrained: config.pretrained.clone(),
-        report: None,
-        weights_sha256: config.weights_sha256.clone(),
     };
-    let session = Session::new(options.clone(), split, job, start)?;
+    let session = Session::new(options.clone(), split, job, network)?;
     let optimizers = Optimizers::new(&options).load(&last)?;
     if options.epochs != config.options.epochs {
         let extended = RunConfig {
@@ -637,14 +637,13 @@ impl<'a> Session<'a> {
         options: TrainOptions,
         split: Split,
         job: &Job<'a>,
-        start: Start,
+        network: Network,
     ) -> anyhow::Result<Self> {
-        let Start {
+        let Network {
             model,
             spec,
             pretrained,
-            ..
-        } = start;
+        } = network;
         let data_dir = options.data_dir()?;
         let final_set = freeze::parse_spec(&options.freeze, &spec, &model)?;
         let head_set = freeze::parse_spec("backbone", &spec, &model)?;
@@ -911,11 +910,17 @@ impl<'a> Session<'a> {
     }
 }
 
-/// A network to train: built from scratch, or loaded from the pretrained weights.
-struct Start {
+/// A network to train with its spec and the configuration of its weights.
+struct Network {
     model: Model,
     spec: ModelSpec,
     pretrained: PretrainedConfig,
+}
+
+/// A new run's network, built from scratch or loaded from the pretrained weights (with
+/// the load report and the checkpoint's SHA-256).
+struct Start {
+    network: Network,
     report: Option<LoadReport>,
     weights_sha256: Option<String>,
 }
@@ -936,17 +941,19 @@ fn build_model(
             spec = spec.with_width(width);
         }
         return Ok(Start {
-            model: spec.build(device),
-            pretrained: spec.pretrained_config(None),
-            spec,
+            network: Network {
+                model: spec.build(device),
+                pretrained: spec.pretrained_config(None),
+                spec,
+            },
             report: None,
             weights_sha256: None,
         });
     }
     let text = options.weights.as_deref().expect("checked above");
-    let (path, registered) = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
+    let resolved = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
     let loaded = load_pretrained(
-        &path,
+        &resolved.path,
         &LoadOptions {
             arch: options.arch,
             num_classes: Some(num_classes),
@@ -956,11 +963,13 @@ fn build_model(
         device,
     )?;
     Ok(Start {
-        pretrained: loaded.spec.pretrained_config(registered),
-        model: loaded.model,
-        spec: loaded.spec,
+        network: Network {
+            pretrained: loaded.spec.pretrained_config(resolved.weights),
+            model: loaded.model,
+            spec: loaded.spec,
+        },
         report: Some(loaded.report),
-        weights_sha256: Some(sha256_of(&path)?),
+        weights_sha256: Some(resolved.sha256()?),
     })
 }
 

@@ -50,23 +50,17 @@ pub struct Width {
     pub width: f64,
 }
 
-const WEIGHTS: &[Weights] = &[
-    torchvision::weights(
-        "mobilenet_v2",
-        "IMAGENET1K_V1",
+const WEIGHTS: &[Weights] = &torchvision::v1_v2(
+    "mobilenet_v2",
+    (
         "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
         71.878,
-        torchvision::preprocess(224, 256),
     ),
-    torchvision::weights(
-        "mobilenet_v2",
-        "IMAGENET1K_V2",
+    (
         "https://download.pytorch.org/models/mobilenet_v2-7ebf99e0.pth",
         72.154,
-        torchvision::preprocess(224, 232),
-    )
-    .default(),
-];
+    ),
+);
 
 /// torchvision's `InvertedResidual`: 1x1 expansion (unless the ratio is 1), 3x3 depthwise,
 /// 1x1 linear projection, with a residual connection when the shape is kept.

@@ -65,41 +65,53 @@ impl ResNetSpec {
     }
 }
 
-const RESNET18_WEIGHTS: &[Weights] = &[torchvision::weights(
+const RESNET18_WEIGHTS: &[Weights] = &torchvision::v1(
     "resnet18",
-    "IMAGENET1K_V1",
     "https://download.pytorch.org/models/resnet18-f37072fd.pth",
     69.758,
-    torchvision::preprocess(224, 256),
-)
-.default()];
+);
 
-const RESNET34_WEIGHTS: &[Weights] = &[torchvision::weights(
+const RESNET34_WEIGHTS: &[Weights] = &torchvision::v1(
     "resnet34",
-    "IMAGENET1K_V1",
     "https://download.pytorch.org/models/resnet34-b627a593.pth",
     73.314,
-    torchvision::preprocess(224, 256),
-)
-.default()];
+);
 
-const RESNET50_WEIGHTS: &[Weights] = &[
-    torchvision::weights(
-        "resnet50",
-        "IMAGENET1K_V1",
+const RESNET50_WEIGHTS: &[Weights] = &torchvision::v1_v2(
+    "resnet50",
+    (
         "https://download.pytorch.org/models/resnet50-0676ba61.pth",
         76.130,
-        torchvision::preprocess(224, 256),
     ),
-    torchvision::weights(
-        "resnet50",
-        "IMAGENET1K_V2",
+    (
         "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
         80.858,
-        torchvision::preprocess(224, 232),
-    )
-    .default(),
-];
+    ),
+);
+
+const RESNET101_WEIGHTS: &[Weights] = &torchvision::v1_v2(
+    "resnet101",
+    (
+        "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+        77.374,
+    ),
+    (
+        "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
+        81.886,
+    ),
+);
+
+const RESNET152_WEIGHTS: &[Weights] = &torchvision::v1_v2(
+    "resnet152",
+    (
+        "https://download.pytorch.org/models/resnet152-394f9c45.pth",
+        78.312,
+    ),
+    (
+        "https://download.pytorch.org/models/resnet152-f82ba261.pth",
+        82.284,
+    ),
+);
 
 fn bn(channels: usize, device: &Device) -> BatchNorm {
     BatchNorm::new(channels, 1e-5, 0.1, device)
@@ -186,42 +198,6 @@ impl Bottleneck {
         relu(y + identity)
     }
 }
-
-const RESNET101_WEIGHTS: &[Weights] = &[
-    torchvision::weights(
-        "resnet101",
-        "IMAGENET1K_V1",
-        "https://download.pytorch.org/models/resnet101-63fe2227.pth",
-        77.374,
-        torchvision::preprocess(224, 256),
-    ),
-    torchvision::weights(
-        "resnet101",
-        "IMAGENET1K_V2",
-        "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
-        81.886,
-        torchvision::preprocess(224, 232),
-    )
-    .default(),
-];
-
-const RESNET152_WEIGHTS: &[Weights] = &[
-    torchvision::weights(
-        "resnet152",
-        "IMAGENET1K_V1",
-        "https://download.pytorch.org/models/resnet152-394f9c45.pth",
-        78.312,
-        torchvision::preprocess(224, 256),
-    ),
-    torchvision::weights(
-        "resnet152",
-        "IMAGENET1K_V2",
-        "https://download.pytorch.org/models/resnet152-f82ba261.pth",
-        82.284,
-        torchvision::preprocess(224, 232),
-    )
-    .default(),
-];
 
 /// A residual block; variants named after torchvision's classes.
 #[allow(missing_docs)]

@@ -82,6 +82,24 @@ pub mod torchvision {
         }
     }
 
+    /// An architecture with only `IMAGENET1K_V1` (resize 256, crop 224), its `DEFAULT`.
+    pub const fn v1(arch: &'static str, url: &'static str, acc1: f64) -> [Weights; 1] {
+        [weights(arch, "IMAGENET1K_V1", url, acc1, preprocess(224, 256)).default()]
+    }
+
+    /// torchvision's usual pair: `IMAGENET1K_V1` (resize 256) and the newer recipe's
+    /// `IMAGENET1K_V2` (resize 232), the `DEFAULT`; both crop 224. Each is (URL, acc@1).
+    pub const fn v1_v2(
+        arch: &'static str,
+        (v1_url, v1_acc1): (&'static str, f64),
+        (v2_url, v2_acc1): (&'static str, f64),
+    ) -> [Weights; 2] {
+        [
+            weights(arch, "IMAGENET1K_V1", v1_url, v1_acc1, preprocess(224, 256)),
+            weights(arch, "IMAGENET1K_V2", v2_url, v2_acc1, preprocess(224, 232)).default(),
+        ]
+    }
+
     /// The 8 hex digits between the last `-` and the extension of `resnet18-f37072fd.pth`.
     const fn hash_in_file_name(url: &'static str) -> &'static str {
         let bytes = url.as_bytes();
