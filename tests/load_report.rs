@@ -196,6 +196,16 @@ fn module_view_matches_torch_named_modules_resnet() {
 }
 
 #[test]
+fn module_view_matches_torch_named_modules_mobilenet_v3() {
+    check_module_view("mbv3_large_w025.pth", "mbv3_large_w025_modules.json");
+}
+
+#[test]
+fn module_view_matches_torch_named_modules_efficientnet() {
+    check_module_view("effnet_b0_w025.pth", "effnet_b0_w025_modules.json");
+}
+
+#[test]
 fn modules_view_previews_a_freeze_spec() {
     let list: serde_json::Value = serde_json::from_str(&retrain_ok([
         "modules",

@@ -84,6 +84,51 @@ fn resnet50_bottleneck_legacy_matches_pytorch() {
 }
 
 #[test]
+fn resnext_grouped_bottleneck_matches_pytorch() {
+    check_forward(
+        &fixture("resnext50_w8.pth"),
+        "resnext50_w8_io.safetensors",
+        1e-4,
+    );
+}
+
+#[test]
+fn mobilenet_v3_large_matches_pytorch() {
+    check_forward(
+        &fixture("mbv3_large_w025.pth"),
+        "mbv3_large_w025_io.safetensors",
+        1e-4,
+    );
+}
+
+#[test]
+fn mobilenet_v3_small_matches_pytorch() {
+    check_forward(
+        &fixture("mbv3_small_w025.pth"),
+        "mbv3_small_w025_io.safetensors",
+        1e-4,
+    );
+}
+
+#[test]
+fn efficientnet_b0_matches_pytorch() {
+    check_forward(
+        &fixture("effnet_b0_w025.pth"),
+        "effnet_b0_w025_io.safetensors",
+        1e-4,
+    );
+}
+
+#[test]
+fn efficientnet_v2_fused_blocks_match_pytorch() {
+    check_forward(
+        &fixture("effnet_v2_s_w0125.pth"),
+        "effnet_v2_s_w0125_io.safetensors",
+        1e-4,
+    );
+}
+
+#[test]
 fn efficientnet_lite0_real_weights_match_pytorch() {
     if let Some(ckpt) = lite0_checkpoint() {
         check_forward(&ckpt, "lite0_io.safetensors", 1e-4);

@@ -53,13 +53,15 @@ def calibrate(model: nn.Module, size: int, seed: int) -> None:
     model.eval()
 
 
-def narrow_resnet(block, layers, width, num_classes):
+def narrow_resnet(block, layers, width, num_classes, groups=1, base_width=64):
     """A torchvision ResNet with base width `width` instead of 64: the same modules, key
-    names and forward, so it proves the block types at a fixture-friendly size."""
+    names and forward, so it proves the block types at a fixture-friendly size. `groups`
+    and `base_width` are torchvision's (a ResNeXt narrowed keeps its channels per group
+    and has fewer groups, as retrain narrows it)."""
     m = ResNet.__new__(ResNet)
     nn.Module.__init__(m)
     m._norm_layer = nn.BatchNorm2d
-    m.dilation, m.groups, m.base_width = 1, 1, 64
+    m.dilation, m.groups, m.base_width = 1, groups, base_width
     m.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
     m.bn1 = nn.BatchNorm2d(width)
     m.relu = nn.ReLU(inplace=True)
@@ -76,7 +78,10 @@ def narrow_resnet(block, layers, width, num_classes):
                     nn.Conv2d(inplanes, planes * block.expansion, 1, stride=s, bias=False),
                     nn.BatchNorm2d(planes * block.expansion),
                 )
-            blocks.append(block(inplanes, planes, s, down))
+            if block is Bottleneck:
+                blocks.append(block(inplanes, planes, s, down, groups, base_width))
+            else:
+                blocks.append(block(inplanes, planes, s, down))
             inplanes = planes * block.expansion
         setattr(m, f"layer{i + 1}", nn.Sequential(*blocks))
     m.avgpool = nn.AdaptiveAvgPool2d((1, 1))
@@ -88,16 +93,46 @@ def check_narrow_resnet_matches_torchvision():
     for ours, theirs in [
         (narrow_resnet(BasicBlock, [2, 2, 2, 2], 64, 1000), torchvision.models.resnet18()),
         (narrow_resnet(Bottleneck, [3, 4, 6, 3], 64, 1000), torchvision.models.resnet50()),
+        (narrow_resnet(Bottleneck, [3, 4, 6, 3], 64, 1000, 32, 4),
+         torchvision.models.resnext50_32x4d()),
     ]:
         a = {k: v.shape for k, v in ours.state_dict().items()}
         b = {k: v.shape for k, v in theirs.state_dict().items()}
         assert a == b, "narrow_resnet must reproduce torchvision's layout at width 64"
 
 
+def narrow_efficientnet_v2_s(width: float, num_classes: int):
+    """torchvision's EfficientNetV2-S table with every channel count scaled by `width`
+    (rounded by `_make_divisible`, as retrain narrows it), otherwise torchvision's code."""
+    from functools import partial
+    from torchvision.models.efficientnet import (EfficientNet, FusedMBConvConfig,
+                                                 MBConvConfig, _make_divisible)
+    c = lambda ch: _make_divisible(ch * width, 8)
+    setting = [
+        FusedMBConvConfig(1, 3, 1, c(24), c(24), 2),
+        FusedMBConvConfig(4, 3, 2, c(24), c(48), 4),
+        FusedMBConvConfig(4, 3, 2, c(48), c(64), 4),
+        MBConvConfig(4, 3, 2, 64, 128, 6, width_mult=width),
+        MBConvConfig(6, 3, 1, 128, 160, 9, width_mult=width),
+        MBConvConfig(6, 3, 2, 160, 256, 15, width_mult=width),
+    ]
+    return EfficientNet(setting, 0.2, last_channel=c(1280), num_classes=num_classes,
+                        norm_layer=partial(nn.BatchNorm2d, eps=1e-3))
+
+
+def narrow_efficientnet_b0(width: float, num_classes: int):
+    from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
+    setting, last = _efficientnet_conf("efficientnet_b0", width_mult=width, depth_mult=1.0)
+    return EfficientNet(setting, 0.2, last_channel=last, num_classes=num_classes)
+
+
 def embed(arch: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The pooled features that enter the head."""
-    if arch == "mobilenet_v2":
+    if arch in ("mobilenet_v2", "efficientnet"):
         return F.adaptive_avg_pool2d(model.features(x), 1).flatten(1)
+    if arch == "mobilenet_v3":
+        pooled = F.adaptive_avg_pool2d(model.features(x), 1).flatten(1)
+        return model.classifier[1](model.classifier[0](pooled))
     if arch == "efficientnet_lite0":
         return F.adaptive_avg_pool2d(model.extract_features(x), 1).flatten(1)
     m = model
@@ -106,11 +141,12 @@ def embed(arch: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(m.avgpool(x), 1)
 
 
-def write_parity(name: str, arch: str, model: nn.Module, size: int, seed: int):
+def write_parity(name: str, arch: str, model: nn.Module, size: int, seed: int, legacy=True):
     calibrate(model, size, seed)
     sd = model.state_dict()
     torch.save(sd, OUT / f"{name}.pth")
-    torch.save(sd, OUT / f"{name}_legacy.pth", _use_new_zipfile_serialization=False)
+    if legacy:
+        torch.save(sd, OUT / f"{name}_legacy.pth", _use_new_zipfile_serialization=False)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         logits = model(x)
@@ -202,10 +238,45 @@ def write_lite0(wheels: Path):
     (OUT / "lite0_photos_expected.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
+# torchvision's architectures that retrain registers, in retrain's registry order.
+TORCHVISION_ARCHS = [
+    "mobilenet_v2",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+    "wide_resnet50_2", "wide_resnet101_2",
+    "mobilenet_v3_large", "mobilenet_v3_small",
+    *[f"efficientnet_b{i}" for i in range(8)],
+    "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l",
+]
+
+
+def write_torchvision_weights():
+    """Every weight torchvision publishes for those architectures, from its own enums:
+    what `retrain weights` must list, and each model's parameter count."""
+    out = []
+    for arch in TORCHVISION_ARCHS:
+        enum = torchvision.models.get_model_weights(arch)
+        for w in enum:
+            t = w.transforms()
+            out.append({
+                "name": f"{arch}.{w.name}",
+                "url": w.url,
+                "acc1": w.meta["_metrics"]["ImageNet-1K"]["acc@1"],
+                "num_params": w.meta["num_params"],
+                "input_size": t.crop_size[0],
+                "resize_size": t.resize_size[0],
+                "interpolation": t.interpolation.value,
+                "mean": list(t.mean),
+                "std": list(t.std),
+                "default": w is enum.DEFAULT,
+            })
+    (OUT / "torchvision_weights.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
 def write_imagenet_labels():
     from torchvision.models._meta import _IMAGENET_CATEGORIES
     assert len(_IMAGENET_CATEGORIES) == 1000
-    path = ROOT / "src" / "models" / "imagenet_classes.txt"
+    path = ROOT / "crates" / "retrain" / "src" / "models" / "imagenet_classes.txt"
     path.write_text("\n".join(_IMAGENET_CATEGORIES) + "\n")
 
 
@@ -225,8 +296,22 @@ def main():
     write_parity("resnet50_w8", "resnet",
                  narrow_resnet(Bottleneck, [3, 4, 6, 3], 8, 10), 64, seed=3)
     write_named_modules("mbv2_w025", mbv2)
+    # The newer families: one zip checkpoint each (the containers are proven above).
+    resnext = narrow_resnet(Bottleneck, [3, 4, 6, 3], 8, 10, groups=4, base_width=32)
+    write_parity("resnext50_w8", "resnet", resnext, 64, seed=4, legacy=False)
+    mbv3 = torchvision.models.mobilenet_v3_large(width_mult=0.25, num_classes=10)
+    write_parity("mbv3_large_w025", "mobilenet_v3", mbv3, 64, seed=5, legacy=False)
+    write_named_modules("mbv3_large_w025", mbv3)
+    mbv3_small = torchvision.models.mobilenet_v3_small(width_mult=0.25, num_classes=10)
+    write_parity("mbv3_small_w025", "mobilenet_v3", mbv3_small, 64, seed=6, legacy=False)
+    b0 = narrow_efficientnet_b0(0.25, 10)
+    write_parity("effnet_b0_w025", "efficientnet", b0, 64, seed=7, legacy=False)
+    write_named_modules("effnet_b0_w025", b0)
+    v2s = narrow_efficientnet_v2_s(0.125, 10)
+    write_parity("effnet_v2_s_w0125", "efficientnet", v2s, 64, seed=8, legacy=False)
     write_reader_edge_cases(mbv2)
     write_imagenet_labels()
+    write_torchvision_weights()
     if args.wheels:
         write_lite0(args.wheels)
 

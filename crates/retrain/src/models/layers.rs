@@ -6,11 +6,12 @@
 //! name. Only BatchNorm's `weight`/`bias` (burn: `gamma`/`beta`) and Linear's transposed
 //! weight differ, and burn-store's PyTorch adapters translate exactly those.
 
-use burn::module::Module;
-use burn::nn::activation::Relu6;
+use burn::module::{Flag, Module, Param};
+use burn::nn::activation::{HardSigmoid, HardSigmoidConfig, HardSwish, Relu6, SiLU, Sigmoid};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::MaxPool2d;
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, PaddingConfig2d, Relu};
+use burn::tensor::Distribution;
 
 use super::batch_norm::BatchNorm;
 use crate::kernels;
@@ -18,6 +19,8 @@ use burn::prelude::*;
 
 /// One child of a PyTorch `nn.Sequential`.
 /// Variants are named after the PyTorch classes, which the module view shows.
+// A network is built once and moved rarely; boxing the variants buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 #[allow(missing_docs)]
 pub enum Layer {
@@ -25,10 +28,14 @@ pub enum Layer {
     BatchNorm2d(BatchNorm),
     ReLU(Relu),
     ReLU6(Relu6),
+    Hardswish(HardSwish),
+    SiLU(SiLU),
     MaxPool2d(MaxPool2d),
     Dropout(Dropout),
     Linear(Linear),
     Sequential(Vec<Layer>),
+    Conv2dNormActivation(Vec<Layer>),
+    SqueezeExcitation(SqueezeExcitation),
 }
 
 impl Layer {
@@ -40,9 +47,14 @@ impl Layer {
             Layer::BatchNorm2d(m) => m.forward(x),
             Layer::ReLU(m) => m.forward(x),
             Layer::ReLU6(_) => kernels::relu6(x),
+            Layer::Hardswish(m) => m.forward(x),
+            Layer::SiLU(m) => m.forward(x),
             Layer::MaxPool2d(m) => kernels::max_pool2d(m, x),
             Layer::Dropout(m) => m.forward(x),
-            Layer::Sequential(layers) => sequential(layers, x),
+            Layer::Sequential(layers) | Layer::Conv2dNormActivation(layers) => {
+                sequential(layers, x)
+            }
+            Layer::SqueezeExcitation(m) => m.forward(x),
             Layer::Linear(_) => panic!("a Linear layer takes a 2-D input"),
         }
     }
@@ -54,6 +66,7 @@ impl Layer {
             Layer::Dropout(m) => m.forward(x),
             Layer::ReLU(m) => m.forward(x),
             Layer::ReLU6(_) => kernels::relu6(x),
+            Layer::Hardswish(m) => m.forward(x),
             other => panic!("{other:?} takes a 4-D input"),
         }
     }
@@ -62,7 +75,7 @@ impl Layer {
 /// Fold every `Conv2d` directly followed by a `BatchNorm2d` (nested sequences included).
 pub fn fold_sequential(layers: &mut [Layer]) {
     for i in 0..layers.len() {
-        if let Layer::Sequential(inner) = &mut layers[i] {
+        if let Layer::Sequential(inner) | Layer::Conv2dNormActivation(inner) = &mut layers[i] {
             fold_sequential(inner);
         }
         if let [Layer::Conv2d(conv), Layer::BatchNorm2d(bn), ..] = &mut layers[i..] {
@@ -130,16 +143,26 @@ impl ConvSpec {
         self
     }
 
+    /// With a bias (zero-initialised, as torchvision initialises conv biases).
+    pub fn bias(mut self) -> Self {
+        self.bias = true;
+        self
+    }
+
     /// Build the conv, initialised as torchvision initialises its convolutions.
     pub fn init(self, device: &Device) -> Conv2d {
         let [t, l, b, r] = self.padding;
-        Conv2dConfig::new([self.cin, self.cout], [self.kernel, self.kernel])
+        let mut conv = Conv2dConfig::new([self.cin, self.cout], [self.kernel, self.kernel])
             .with_stride([self.stride, self.stride])
             .with_groups(self.groups)
             .with_padding(PaddingConfig2d::Explicit(t, l, b, r))
             .with_bias(self.bias)
             .with_initializer(conv_init())
-            .init(device)
+            .init(device);
+        conv.bias = conv
+            .bias
+            .map(|b| Param::from_tensor(Tensor::zeros(b.dims(), device)));
+        conv
     }
 }
 
@@ -159,18 +182,184 @@ pub fn dropout(prob: f64) -> Dropout {
     DropoutConfig::new(prob).init()
 }
 
-/// `conv -> bn -> activation` as torchvision's `Conv2dNormActivation` (children 0, 1, 2).
-pub fn conv_bn_act(spec: ConvSpec, act: Layer, device: &Device) -> Vec<Layer> {
-    vec![
+/// BatchNorm's `eps` and `momentum`, as a family's `norm_layer` sets them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Norm {
+    /// Added to the variance.
+    pub eps: f64,
+    /// PyTorch's running-average momentum.
+    pub momentum: f64,
+}
+
+impl Norm {
+    /// `nn.BatchNorm2d`'s defaults.
+    pub const TORCH: Norm = Norm {
+        eps: 1e-5,
+        momentum: 0.1,
+    };
+    /// TensorFlow's (eps 1e-3, decay 0.99), which ports of TF-trained networks keep.
+    pub const TF: Norm = Norm {
+        eps: 1e-3,
+        momentum: 0.01,
+    };
+
+    /// A BatchNorm over `channels` channels.
+    pub fn layer(self, channels: usize, device: &Device) -> BatchNorm {
+        BatchNorm::new(channels, self.eps, self.momentum, device)
+    }
+}
+
+/// `conv -> bn [-> activation]` as torchvision's `Conv2dNormActivation` (children 0, 1, 2).
+pub fn conv_bn_act(spec: ConvSpec, act: Option<Layer>, norm: Norm, device: &Device) -> Vec<Layer> {
+    let mut layers = vec![
         Layer::Conv2d(spec.init(device)),
-        Layer::BatchNorm2d(BatchNorm::new(spec.cout, 1e-5, 0.1, device)),
-        act,
-    ]
+        Layer::BatchNorm2d(norm.layer(spec.cout, device)),
+    ];
+    layers.extend(act);
+    layers
+}
+
+/// torchvision's `_make_divisible`: round to a multiple of `divisor`, never below it and
+/// never more than 10% down.
+pub fn make_divisible(v: f64, divisor: usize) -> usize {
+    let d = divisor as f64;
+    let mut new_v = (((v + d / 2.0) as usize) / divisor * divisor).max(divisor);
+    if (new_v as f64) < 0.9 * v {
+        new_v += divisor;
+    }
+    new_v
+}
+
+/// `nn.ReLU` as a [`Layer`].
+pub fn relu() -> Layer {
+    Layer::ReLU(Relu::new())
 }
 
 /// `nn.ReLU6` as a [`Layer`].
 pub fn relu6() -> Layer {
     Layer::ReLU6(Relu6::new())
+}
+
+/// `nn.Hardswish` as a [`Layer`].
+pub fn hardswish() -> Layer {
+    Layer::Hardswish(HardSwish::new())
+}
+
+/// `nn.SiLU` (swish) as a [`Layer`].
+pub fn silu() -> Layer {
+    Layer::SiLU(SiLU::new())
+}
+
+/// torchvision's `SqueezeExcitation`: global average pool, 1x1 conv down, activation, 1x1
+/// conv up, a gate activation, and the input scaled channel by channel by the gate.
+#[derive(Module, Debug)]
+pub struct SqueezeExcitation {
+    fc1: Conv2d,
+    fc2: Conv2d,
+    activation: Activation,
+    scale_activation: Activation,
+}
+
+/// The activations inside a [`SqueezeExcitation`] (a [`Layer`] there would make the type
+/// recursive); variants named after the PyTorch classes.
+#[derive(Module, Debug)]
+#[allow(missing_docs)]
+pub enum Activation {
+    ReLU(Relu),
+    SiLU(SiLU),
+    Sigmoid(Sigmoid),
+    Hardsigmoid(HardSigmoid),
+}
+
+impl Activation {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Activation::ReLU(m) => m.forward(x),
+            Activation::SiLU(m) => m.forward(x),
+            Activation::Sigmoid(m) => m.forward(x),
+            Activation::Hardsigmoid(m) => m.forward(x),
+        }
+    }
+
+    /// torchvision's MobileNetV3 gate: ReLU inside, `nn.Hardsigmoid` as the gate.
+    pub fn relu_hardsigmoid() -> (Activation, Activation) {
+        (
+            Activation::ReLU(Relu::new()),
+            Activation::Hardsigmoid(
+                HardSigmoidConfig::new()
+                    .with_alpha(1.0 / 6.0)
+                    .with_beta(0.5)
+                    .init(),
+            ),
+        )
+    }
+
+    /// torchvision's EfficientNet gate: SiLU inside, sigmoid as the gate.
+    pub fn silu_sigmoid() -> (Activation, Activation) {
+        (
+            Activation::SiLU(SiLU::new()),
+            Activation::Sigmoid(Sigmoid::new()),
+        )
+    }
+}
+
+impl SqueezeExcitation {
+    /// A block over `channels` channels squeezed to `squeeze`, with the (inner, gate)
+    /// activations.
+    pub fn new(
+        channels: usize,
+        squeeze: usize,
+        (activation, scale_activation): (Activation, Activation),
+        device: &Device,
+    ) -> Self {
+        Self {
+            fc1: ConvSpec::new(channels, squeeze, 1, 1).bias().init(device),
+            fc2: ConvSpec::new(squeeze, channels, 1, 1).bias().init(device),
+            activation,
+            scale_activation,
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let scale = x.clone().mean_dim(3).mean_dim(2);
+        let scale = self.activation.forward(kernels::conv2d(&self.fc1, scale));
+        let scale = self
+            .scale_activation
+            .forward(kernels::conv2d(&self.fc2, scale));
+        x * scale
+    }
+}
+
+/// torchvision's `StochasticDepth` in `"row"` mode: while training, each sample's residual
+/// branch is dropped with probability `prob` and the kept ones scaled by `1 / (1 - prob)`.
+/// The mask comes from the device's seeded generator, so runs stay reproducible.
+#[derive(Module, Debug)]
+pub struct StochasticDepth {
+    /// Probability of dropping a sample's branch.
+    pub prob: f64,
+    /// Off for eval and frozen layers.
+    pub training: Param<Flag>,
+}
+
+impl StochasticDepth {
+    /// Drop with probability `prob`.
+    pub fn new(prob: f64) -> Self {
+        Self {
+            prob,
+            training: Param::from_bool(true),
+        }
+    }
+
+    /// The branch `x`, masked per sample while training.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        if !self.training.is_enabled() || !x.device().is_autodiff() || self.prob == 0.0 {
+            return x;
+        }
+        let keep = 1.0 - self.prob;
+        let [n, ..] = x.dims();
+        let mask = Tensor::<4>::random([n, 1, 1, 1], Distribution::Bernoulli(keep), &x.device());
+        x * mask.div_scalar(keep)
+    }
 }
 
 /// Global average pooling to `[N, C]`.

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::batch_norm::BatchNorm;
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
-use super::layers::{ConvSpec, Layer, conv_bn_act, dropout, head, relu6};
+use super::layers::{ConvSpec, Layer, Norm, conv_bn_act, dropout, head, make_divisible, relu6};
 use super::layers::{fold_sequential, sequential};
 use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
@@ -22,16 +22,6 @@ const SETTINGS: [(usize, usize, usize, usize); 7] = [
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 ];
-
-/// torchvision's `_make_divisible`: round to a multiple of 8, never more than 10% down.
-pub fn make_divisible(v: f64, divisor: usize) -> usize {
-    let d = divisor as f64;
-    let mut new_v = (((v + d / 2.0) as usize) / divisor * divisor).max(divisor);
-    if (new_v as f64) < 0.9 * v {
-        new_v += divisor;
-    }
-    new_v
-}
 
 /// Channels of the last feature layer, which feeds the classifier.
 pub fn feature_dim(width: f64) -> usize {
@@ -77,12 +67,18 @@ impl InvertedResidual {
         if expand != 1 {
             conv.push(Layer::Sequential(conv_bn_act(
                 ConvSpec::new(cin, hidden, 1, 1),
-                relu6(),
+                Some(relu6()),
+                Norm::TORCH,
                 device,
             )));
         }
         let depthwise = ConvSpec::new(hidden, hidden, 3, stride).groups(hidden);
-        conv.push(Layer::Sequential(conv_bn_act(depthwise, relu6(), device)));
+        conv.push(Layer::Sequential(conv_bn_act(
+            depthwise,
+            Some(relu6()),
+            Norm::TORCH,
+            device,
+        )));
         conv.push(Layer::Conv2d(
             ConvSpec::new(hidden, cout, 1, 1).init(device),
         ));
@@ -123,7 +119,8 @@ impl MobileNetV2 {
         let mut cin = make_divisible(32.0 * width, 8);
         let mut features = vec![Feature::Conv2dNormActivation(conv_bn_act(
             ConvSpec::new(3, cin, 3, 2),
-            relu6(),
+            Some(relu6()),
+            Norm::TORCH,
             device,
         ))];
         for (t, c, n, s) in SETTINGS {
@@ -139,7 +136,8 @@ impl MobileNetV2 {
         let last = feature_dim(width);
         features.push(Feature::Conv2dNormActivation(conv_bn_act(
             ConvSpec::new(cin, last, 1, 1),
-            relu6(),
+            Some(relu6()),
+            Norm::TORCH,
             device,
         )));
         let classifier = vec![

@@ -1,6 +1,7 @@
 //! torchvision's ResNet family: `resnet18`, `resnet34` (basic blocks), `resnet50`,
 //! `resnet101` and `resnet152` (bottlenecks, stride on the 3x3 conv as in torchvision's
-//! "v1.5").
+//! "v1.5"), and the same network with a grouped or wider 3x3: `resnext50_32x4d`,
+//! `resnext101_32x8d`, `resnext101_64x4d`, `wide_resnet50_2`, `wide_resnet101_2`.
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -38,8 +39,9 @@ impl BlockKind {
     }
 }
 
-/// A ResNet's shape: block type, blocks per stage, and the stem width (64 in torchvision;
-/// smaller widths keep the test fixtures small while using the same block types).
+/// A ResNet's shape: block type, blocks per stage, the stem width (64 in torchvision;
+/// smaller widths keep the test fixtures small while using the same block types), and
+/// torchvision's `groups` and `width_per_group` of the bottleneck's 3x3 convolution.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResNetSpec {
     /// The block type.
@@ -48,6 +50,21 @@ pub struct ResNetSpec {
     pub layers: [usize; 4],
     /// Channels of the stem.
     pub width: usize,
+    /// Groups of the bottleneck's 3x3 convolution (32 for `resnext50_32x4d`).
+    #[serde(default = "one")]
+    pub groups: usize,
+    /// torchvision's `width_per_group` (`base_width`): 4 for `resnext50_32x4d`, 128 for
+    /// `wide_resnet50_2`, 64 for a plain ResNet.
+    #[serde(default = "sixty_four")]
+    pub width_per_group: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn sixty_four() -> usize {
+    64
 }
 
 impl ResNetSpec {
@@ -56,13 +73,55 @@ impl ResNetSpec {
         self.width * 8 * self.block.expansion()
     }
 
+    /// Channels of the 3x3 convolution of a bottleneck with `planes` planes, as
+    /// torchvision computes them: `int(planes * (width_per_group / 64)) * groups`.
+    pub fn bottleneck_width(&self, planes: usize) -> usize {
+        planes * self.width_per_group / 64 * self.groups
+    }
+
     const fn standard(block: BlockKind, layers: [usize; 4]) -> Self {
+        Self::grouped(block, layers, 1, 64)
+    }
+
+    const fn grouped(
+        block: BlockKind,
+        layers: [usize; 4],
+        groups: usize,
+        width_per_group: usize,
+    ) -> Self {
         Self {
             block,
             layers,
             width: 64,
+            groups,
+            width_per_group,
         }
     }
+
+    /// The same network with stem width `width`: ResNets and wide ResNets scale every
+    /// layer; ResNeXts keep the channels per group and scale the number of groups.
+    fn narrowed(&self, width: usize) -> Self {
+        let ratio = width as f64 / self.width as f64;
+        let (groups, width_per_group) = if self.groups == 1 {
+            (1, self.width_per_group)
+        } else {
+            let per_group = self.bottleneck_width(self.width) / self.groups;
+            let groups = ((self.groups as f64 * ratio).round() as usize).max(1);
+            (groups, width_per_group(per_group, width))
+        };
+        Self {
+            width,
+            groups,
+            width_per_group,
+            ..self.clone()
+        }
+    }
+}
+
+/// The smallest `width_per_group` that gives `per_group` channels per group at stem width
+/// `width` (exact for widths up to 64, torchvision's).
+fn width_per_group(per_group: usize, width: usize) -> usize {
+    (per_group * 64).div_ceil(width)
 }
 
 const RESNET18_WEIGHTS: &[Weights] = &torchvision::v1(
@@ -110,6 +169,64 @@ const RESNET152_WEIGHTS: &[Weights] = &torchvision::v1_v2(
     (
         "https://download.pytorch.org/models/resnet152-f82ba261.pth",
         82.284,
+    ),
+);
+
+const RESNEXT50_32X4D_WEIGHTS: &[Weights] = &torchvision::v1_v2(
+    "resnext50_32x4d",
+    (
+        "https://download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth",
+        77.618,
+    ),
+    (
+        "https://download.pytorch.org/models/resnext50_32x4d-1a0047aa.pth",
+        81.198,
+    ),
+);
+
+const RESNEXT101_32X8D_WEIGHTS: &[Weights] = &torchvision::v1_v2(
+    "resnext101_32x8d",
+    (
+        "https://download.pytorch.org/models/resnext101_32x8d-8ba56ff5.pth",
+        79.312,
+    ),
+    (
+        "https://download.pytorch.org/models/resnext101_32x8d-110c445d.pth",
+        82.834,
+    ),
+);
+
+/// Only one set, trained with the newer recipe (resize 232).
+const RESNEXT101_64X4D_WEIGHTS: &[Weights] = &[torchvision::weights(
+    "resnext101_64x4d",
+    "IMAGENET1K_V1",
+    "https://download.pytorch.org/models/resnext101_64x4d-173b62eb.pth",
+    83.246,
+    torchvision::preprocess(224, 232),
+)
+.default()];
+
+const WIDE_RESNET50_2_WEIGHTS: &[Weights] = &torchvision::v1_v2(
+    "wide_resnet50_2",
+    (
+        "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+        78.468,
+    ),
+    (
+        "https://download.pytorch.org/models/wide_resnet50_2-9ba9bcbe.pth",
+        81.602,
+    ),
+);
+
+const WIDE_RESNET101_2_WEIGHTS: &[Weights] = &torchvision::v1_v2(
+    "wide_resnet101_2",
+    (
+        "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth",
+        78.848,
+    ),
+    (
+        "https://download.pytorch.org/models/wide_resnet101_2-d733dc28.pth",
+        82.510,
     ),
 );
 
@@ -163,8 +280,8 @@ impl BasicBlock {
     }
 }
 
-/// torchvision's `Bottleneck` (ResNet-50): 1x1 reduce, 3x3, 1x1 expand by 4, and the
-/// shortcut.
+/// torchvision's `Bottleneck` (ResNet-50): 1x1 reduce, 3x3 (grouped in a ResNeXt), 1x1
+/// expand to 4x planes, and the shortcut.
 #[derive(Module, Debug)]
 pub struct Bottleneck {
     conv1: Conv2d,
@@ -177,14 +294,17 @@ pub struct Bottleneck {
 }
 
 impl Bottleneck {
-    fn new(cin: usize, planes: usize, stride: usize, device: &Device) -> Self {
+    fn new(cin: usize, planes: usize, stride: usize, spec: &ResNetSpec, device: &Device) -> Self {
         let cout = planes * 4;
+        let width = spec.bottleneck_width(planes);
         Self {
-            conv1: ConvSpec::new(cin, planes, 1, 1).init(device),
-            bn1: bn(planes, device),
-            conv2: ConvSpec::new(planes, planes, 3, stride).init(device),
-            bn2: bn(planes, device),
-            conv3: ConvSpec::new(planes, cout, 1, 1).init(device),
+            conv1: ConvSpec::new(cin, width, 1, 1).init(device),
+            bn1: bn(width, device),
+            conv2: ConvSpec::new(width, width, 3, stride)
+                .groups(spec.groups)
+                .init(device),
+            bn2: bn(width, device),
+            conv3: ConvSpec::new(width, cout, 1, 1).init(device),
             bn3: bn(cout, device),
             downsample: downsample(cin, cout, stride, device),
         }
@@ -210,11 +330,11 @@ pub enum Block {
 }
 
 impl Block {
-    fn new(kind: BlockKind, cin: usize, planes: usize, stride: usize, device: &Device) -> Self {
-        match kind {
+    fn new(spec: &ResNetSpec, cin: usize, planes: usize, stride: usize, device: &Device) -> Self {
+        match spec.block {
             BlockKind::Basic => Block::BasicBlock(BasicBlock::new(cin, planes, stride, device)),
             BlockKind::Bottleneck => {
-                Block::Bottleneck(Bottleneck::new(cin, planes, stride, device))
+                Block::Bottleneck(Bottleneck::new(cin, planes, stride, spec, device))
             }
         }
     }
@@ -252,13 +372,7 @@ impl ResNet {
             let stride = if i == 0 { 1 } else { 2 };
             let blocks = (0..n)
                 .map(|j| {
-                    let b = Block::new(
-                        spec.block,
-                        cin,
-                        planes,
-                        if j == 0 { stride } else { 1 },
-                        device,
-                    );
+                    let b = Block::new(spec, cin, planes, if j == 0 { stride } else { 1 }, device);
                     cin = planes * spec.block.expansion();
                     b
                 })
@@ -318,6 +432,31 @@ impl Family for ResNet {
             variant: ResNetSpec::standard(BlockKind::Bottleneck, [3, 8, 36, 3]),
             weights: RESNET152_WEIGHTS,
         },
+        Architecture {
+            name: "resnext50_32x4d",
+            variant: ResNetSpec::grouped(BlockKind::Bottleneck, [3, 4, 6, 3], 32, 4),
+            weights: RESNEXT50_32X4D_WEIGHTS,
+        },
+        Architecture {
+            name: "resnext101_32x8d",
+            variant: ResNetSpec::grouped(BlockKind::Bottleneck, [3, 4, 23, 3], 32, 8),
+            weights: RESNEXT101_32X8D_WEIGHTS,
+        },
+        Architecture {
+            name: "resnext101_64x4d",
+            variant: ResNetSpec::grouped(BlockKind::Bottleneck, [3, 4, 23, 3], 64, 4),
+            weights: RESNEXT101_64X4D_WEIGHTS,
+        },
+        Architecture {
+            name: "wide_resnet50_2",
+            variant: ResNetSpec::grouped(BlockKind::Bottleneck, [3, 4, 6, 3], 1, 128),
+            weights: WIDE_RESNET50_2_WEIGHTS,
+        },
+        Architecture {
+            name: "wide_resnet101_2",
+            variant: ResNetSpec::grouped(BlockKind::Bottleneck, [3, 4, 23, 3], 1, 128),
+            weights: WIDE_RESNET101_2_WEIGHTS,
+        },
     ];
     const HEAD: [&'static str; 2] = ["fc.weight", "fc.bias"];
 
@@ -326,7 +465,9 @@ impl Family for ResNet {
     }
 
     /// The block type from `conv3`'s presence, the depths from the block counts, the
-    /// width from the stem.
+    /// width from the stem, groups and group width from the first 3x3; the architecture
+    /// is the one that, at this stem width, has exactly this shape (a plain ResNet of the
+    /// same depths if none has).
     fn detect(sd: &StateDict) -> Option<Detected<ResNetSpec>> {
         sd.get("layer1.0.conv1.weight")?;
         let block = if sd.get("layer1.0.conv3.weight").is_some() {
@@ -344,16 +485,32 @@ impl Family for ResNet {
                 .count();
         }
         let width = *sd.get("conv1.weight")?.shape.first()?;
+        let (groups, width_per_group) = match block {
+            BlockKind::Basic => (1, 64),
+            BlockKind::Bottleneck => {
+                let conv2 = &sd.get("layer1.0.conv2.weight")?.shape;
+                let (channels, per_group) = (*conv2.first()?, *conv2.get(1)?);
+                let groups = channels / per_group.max(1);
+                (groups, width_per_group(per_group, width))
+            }
+        };
+        let variant = ResNetSpec {
+            block,
+            layers,
+            width,
+            groups,
+            width_per_group,
+        };
+        let same_depths =
+            |a: &&Architecture<ResNetSpec>| a.variant.block == block && a.variant.layers == layers;
         let arch = Self::ARCHITECTURES
             .iter()
-            .find(|a| a.variant.block == block && a.variant.layers == layers)?;
+            .filter(same_depths)
+            .find(|a| a.variant.narrowed(width) == variant)
+            .or_else(|| Self::ARCHITECTURES.iter().find(same_depths))?;
         Some(Detected {
             arch: arch.name,
-            variant: ResNetSpec {
-                block,
-                layers,
-                width,
-            },
+            variant,
             num_classes: head_outputs(sd, Self::HEAD[0]),
         })
     }
@@ -382,14 +539,13 @@ impl Family for ResNet {
     }
 
     fn with_width(variant: &ResNetSpec, width: f64) -> ResNetSpec {
-        ResNetSpec {
-            width: ((64.0 * width).round() as usize).max(1),
-            ..variant.clone()
-        }
+        variant.narrowed(((64.0 * width).round() as usize).max(1))
     }
 
     fn distinction(variant: &ResNetSpec) -> Option<String> {
-        (variant.width != 64).then(|| format!("base width {}", variant.width))
+        let groups = (variant.groups != 1).then(|| format!(", {} groups", variant.groups));
+        (variant.width != 64)
+            .then(|| format!("base width {}{}", variant.width, groups.unwrap_or_default()))
     }
 
     fn head(&self) -> &Linear {
