@@ -206,6 +206,11 @@ fn module_view_matches_torch_named_modules_efficientnet() {
 }
 
 #[test]
+fn module_view_matches_torch_named_modules_convnext() {
+    check_module_view("convnext_tiny_w8.pth", "convnext_tiny_w8_modules.json");
+}
+
+#[test]
 fn modules_view_previews_a_freeze_spec() {
     let list: serde_json::Value = serde_json::from_str(&retrain_ok([
         "modules",

@@ -129,6 +129,15 @@ fn efficientnet_v2_fused_blocks_match_pytorch() {
 }
 
 #[test]
+fn convnext_matches_pytorch() {
+    check_forward(
+        &fixture("convnext_tiny_w8.pth"),
+        "convnext_tiny_w8_io.safetensors",
+        1e-4,
+    );
+}
+
+#[test]
 fn efficientnet_lite0_real_weights_match_pytorch() {
     if let Some(ckpt) = lite0_checkpoint() {
         check_forward(&ckpt, "lite0_io.safetensors", 1e-4);

@@ -34,8 +34,18 @@ PHOTOS = ROOT / "tests" / "data" / "photos"
 
 
 def calibrate(model: nn.Module, size: int, seed: int) -> None:
-    """Give BatchNorm layers non-trivial statistics and affine parameters."""
+    """Give BatchNorm layers non-trivial statistics and affine parameters, LayerNorms random
+    affine parameters, and layer scales (ConvNeXt's start at 1e-6, which would hide the
+    blocks) values near 1."""
     g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = None  # cumulative average over the calibration batches
@@ -120,6 +130,14 @@ def narrow_efficientnet_v2_s(width: float, num_classes: int):
                         norm_layer=partial(nn.BatchNorm2d, eps=1e-3))
 
 
+def narrow_convnext_tiny(width: int, num_classes: int):
+    """torchvision's ConvNeXt-Tiny with `width` channels in the first stage (96 there)."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    setting = [CNBlockConfig(width, 2 * width, 3), CNBlockConfig(2 * width, 4 * width, 3),
+               CNBlockConfig(4 * width, 8 * width, 9), CNBlockConfig(8 * width, None, 3)]
+    return ConvNeXt(setting, stochastic_depth_prob=0.1, num_classes=num_classes)
+
+
 def narrow_efficientnet_b0(width: float, num_classes: int):
     from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
     setting, last = _efficientnet_conf("efficientnet_b0", width_mult=width, depth_mult=1.0)
@@ -130,6 +148,9 @@ def embed(arch: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The pooled features that enter the head."""
     if arch in ("mobilenet_v2", "efficientnet"):
         return F.adaptive_avg_pool2d(model.features(x), 1).flatten(1)
+    if arch == "convnext":
+        pooled = F.adaptive_avg_pool2d(model.features(x), 1)
+        return model.classifier[1](model.classifier[0](pooled))
     if arch == "mobilenet_v3":
         pooled = F.adaptive_avg_pool2d(model.features(x), 1).flatten(1)
         return model.classifier[1](model.classifier[0](pooled))
@@ -247,6 +268,7 @@ TORCHVISION_ARCHS = [
     "mobilenet_v3_large", "mobilenet_v3_small",
     *[f"efficientnet_b{i}" for i in range(8)],
     "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l",
+    "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
 ]
 
 
@@ -309,6 +331,9 @@ def main():
     write_named_modules("effnet_b0_w025", b0)
     v2s = narrow_efficientnet_v2_s(0.125, 10)
     write_parity("effnet_v2_s_w0125", "efficientnet", v2s, 64, seed=8, legacy=False)
+    convnext = narrow_convnext_tiny(8, 10)
+    write_parity("convnext_tiny_w8", "convnext", convnext, 64, seed=9, legacy=False)
+    write_named_modules("convnext_tiny_w8", convnext)
     write_reader_edge_cases(mbv2)
     write_imagenet_labels()
     write_torchvision_weights()

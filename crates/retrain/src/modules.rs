@@ -67,8 +67,8 @@ fn torch_type(burn_type: &str) -> &str {
 /// PyTorch's name for a burn parameter field.
 fn torch_param_name(kind: &str, field: &str) -> String {
     match (kind, field) {
-        ("BatchNorm2d", "gamma") => "weight".to_string(),
-        ("BatchNorm2d", "beta") => "bias".to_string(),
+        ("BatchNorm2d" | "LayerNorm" | "LayerNorm2d", "gamma") => "weight".to_string(),
+        ("BatchNorm2d" | "LayerNorm" | "LayerNorm2d", "beta") => "bias".to_string(),
         _ => field.to_string(),
     }
 }

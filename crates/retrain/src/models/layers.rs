@@ -10,7 +10,10 @@ use burn::module::{Flag, Module, Param};
 use burn::nn::activation::{HardSigmoid, HardSigmoidConfig, HardSwish, Relu6, SiLU, Sigmoid};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::MaxPool2d;
-use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, PaddingConfig2d, Relu};
+use burn::nn::{
+    Dropout, DropoutConfig, Gelu, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+    PaddingConfig2d, Relu,
+};
 use burn::tensor::Distribution;
 
 use super::batch_norm::BatchNorm;
@@ -30,6 +33,11 @@ pub enum Layer {
     ReLU6(Relu6),
     Hardswish(HardSwish),
     SiLU(SiLU),
+    GELU(Gelu),
+    LayerNorm(LayerNorm),
+    LayerNorm2d(LayerNorm),
+    Permute(Permute),
+    Flatten(Flatten),
     MaxPool2d(MaxPool2d),
     Dropout(Dropout),
     Linear(Linear),
@@ -39,8 +47,9 @@ pub enum Layer {
 }
 
 impl Layer {
-    /// Run the layer on an NCHW input. A `Linear` panics: it takes pooled features,
-    /// see [`Self::forward_2d`].
+    /// Run the layer on a 4-D input: NCHW, or NHWC between two `Permute`s (where `Linear`
+    /// and `LayerNorm` act on the last dimension, as in PyTorch). `Flatten` panics: it
+    /// belongs to a classifier, see [`Self::forward_2d`].
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match self {
             Layer::Conv2d(m) => kernels::conv2d(m, x),
@@ -49,13 +58,18 @@ impl Layer {
             Layer::ReLU6(_) => kernels::relu6(x),
             Layer::Hardswish(m) => m.forward(x),
             Layer::SiLU(m) => m.forward(x),
+            Layer::GELU(m) => m.forward(x),
+            Layer::LayerNorm(m) => m.forward(x),
+            Layer::LayerNorm2d(m) => m.forward(x.permute([0, 2, 3, 1])).permute([0, 3, 1, 2]),
+            Layer::Permute(p) => x.permute(p.dims),
+            Layer::Linear(m) => m.forward(x),
             Layer::MaxPool2d(m) => kernels::max_pool2d(m, x),
             Layer::Dropout(m) => m.forward(x),
             Layer::Sequential(layers) | Layer::Conv2dNormActivation(layers) => {
                 sequential(layers, x)
             }
             Layer::SqueezeExcitation(m) => m.forward(x),
-            Layer::Linear(_) => panic!("a Linear layer takes a 2-D input"),
+            Layer::Flatten(_) => panic!("Flatten belongs to a classifier's 2-D input"),
         }
     }
 
@@ -67,6 +81,9 @@ impl Layer {
             Layer::ReLU(m) => m.forward(x),
             Layer::ReLU6(_) => kernels::relu6(x),
             Layer::Hardswish(m) => m.forward(x),
+            // On pooled `[N, C]` features a LayerNorm2d normalises over C, as on `[N, C, 1, 1]`.
+            Layer::LayerNorm(m) | Layer::LayerNorm2d(m) => m.forward(x),
+            Layer::Flatten(_) => x,
             other => panic!("{other:?} takes a 4-D input"),
         }
     }
@@ -248,6 +265,32 @@ pub fn hardswish() -> Layer {
 /// `nn.SiLU` (swish) as a [`Layer`].
 pub fn silu() -> Layer {
     Layer::SiLU(SiLU::new())
+}
+
+/// `torchvision.ops.Permute`: reorders the dimensions (NCHW <-> NHWC).
+#[derive(Module, Debug)]
+pub struct Permute {
+    /// The new order, as `Tensor.permute` takes it.
+    pub dims: [usize; 4],
+}
+
+/// `nn.Flatten(1)` before a classifier's Linear.
+#[derive(Module, Debug)]
+pub struct Flatten;
+
+/// `nn.LayerNorm` over the last dimension with this `eps` (ConvNeXt's `LayerNorm2d` is the
+/// same module applied over channels).
+pub fn layer_norm(features: usize, eps: f64, device: &Device) -> LayerNorm {
+    LayerNormConfig::new(features)
+        .with_epsilon(eps)
+        .init(device)
+}
+
+/// A Linear initialised with normal(0, `std`) weights and zero bias.
+pub fn linear(features: usize, outputs: usize, std: f64, device: &Device) -> Linear {
+    LinearConfig::new(features, outputs)
+        .with_initializer(Initializer::Normal { mean: 0.0, std })
+        .init(device)
 }
 
 /// torchvision's `SqueezeExcitation`: global average pool, 1x1 conv down, activation, 1x1

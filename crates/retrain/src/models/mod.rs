@@ -3,6 +3,7 @@
 //! in the `registry!` invocation below.
 
 pub mod batch_norm;
+pub mod convnext;
 pub mod efficientnet;
 pub mod efficientnet_lite;
 pub mod family;
@@ -197,6 +198,7 @@ registry! {
     ResNet => resnet::ResNet,
     MobileNetV3 => mobilenet_v3::MobileNetV3,
     EfficientNet => efficientnet::EfficientNet,
+    ConvNeXt => convnext::ConvNeXt,
     EfficientNetLite => efficientnet_lite::EfficientNetLite,
 }
 
