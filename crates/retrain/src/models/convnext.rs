@@ -88,6 +88,8 @@ impl CNBlock {
 /// One child of `features`: the stem (`Conv2dNormActivation`) or a downsampling
 /// (`Sequential` of LayerNorm2d and a 2x2 conv) as a [`Layer`], or a stage of blocks.
 #[allow(missing_docs)]
+// A network is built once and moved rarely; boxing the variants buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Feature {
     Layer(Layer),
