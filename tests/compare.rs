@@ -119,6 +119,41 @@ fn compare_trains_every_regime_draws_the_figure_and_resumes() {
     );
 }
 
+/// A newer family through `compare`: MobileNetV3's head regime trains only `classifier.3`
+/// on cached features (its pretrained `classifier.0` frozen with the backbone), its partial
+/// regime freezes the family's lower stages, and every freeze audit passes.
+#[test]
+fn compare_runs_a_mobilenet_v3_head_partial_and_full() {
+    let dir = tempdir();
+    let data = toy(dir.path(), 12);
+    let out = dir.path().join("cmp");
+    let weights = fixture("mbv3_small_w025.pth");
+    let mut args = compare_args(&data, &out, &weights);
+    args.extend([
+        std::ffi::OsStr::new("--regimes"),
+        "head,partial,full".as_ref(),
+    ]);
+    retrain_ok(args);
+    let summary = json(&out.join("summary.json"));
+    let regimes = summary["regimes"].as_array().unwrap();
+    let names: Vec<&str> = regimes
+        .iter()
+        .map(|r| r["regime"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["head", "partial", "full"]);
+    for r in regimes {
+        assert_eq!(r["freeze_audit_passed"], true, "{}", r["regime"]);
+    }
+    assert_eq!(regimes[1]["freeze"], "features.0-8");
+    let head_outputs = 3 * 256 + 3; // the toy set's three classes, from 256 features
+    assert_eq!(regimes[0]["trainable_params"].as_u64(), Some(head_outputs));
+    let head_run = json(&out.join("head/summary.json"));
+    assert_eq!(head_run["feature_cache"], true, "{head_run}");
+    let trainable = |r: &serde_json::Value| r["trainable_params"].as_u64().unwrap();
+    assert!(trainable(&regimes[0]) < trainable(&regimes[1]));
+    assert!(trainable(&regimes[1]) < trainable(&regimes[2]));
+}
+
 #[test]
 fn regimes_can_be_chosen_with_a_custom_partial_spec() {
     let dir = tempdir();

@@ -289,12 +289,23 @@ fn resume_continues_exactly() {
 /// reduction combines its partial sums in a fixed order.
 #[test]
 fn runs_are_bit_identical_on_any_number_of_threads() {
+    check_bit_identical_on_any_number_of_threads("resnet18_w16.pth", &["1", "2", "3"]);
+}
+
+/// Also where stochastic depth drops residual branches at random (EfficientNet): the masks
+/// come from the seeded generator.
+#[test]
+fn stochastic_depth_runs_are_bit_identical_on_any_number_of_threads() {
+    check_bit_identical_on_any_number_of_threads("effnet_b0_w025.pth", &["1", "2"]);
+}
+
+fn check_bit_identical_on_any_number_of_threads(weights: &str, thread_counts: &[&str]) {
     let dir = tempdir();
     let data = toy(dir.path(), 24);
     let run = |threads: &str| {
         let out = dir.path().join(format!("threads{threads}"));
         let args = train_args(
-            "resnet18_w16.pth",
+            weights,
             &data,
             &out,
             &["--batch-size", "24", "--epochs", "2", "--freeze", "none"],
@@ -311,8 +322,8 @@ fn runs_are_bit_identical_on_any_number_of_threads() {
         );
         std::fs::read(out.join("last/model.safetensors")).unwrap()
     };
-    let one = run("1");
-    for threads in ["2", "3"] {
+    let one = run(thread_counts[0]);
+    for threads in &thread_counts[1..] {
         assert!(run(threads) == one, "{threads} threads differ from 1");
     }
 }

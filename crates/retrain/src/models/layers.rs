@@ -410,3 +410,36 @@ pub fn global_avg_pool(x: Tensor<4>) -> Tensor<2> {
     let [n, c, h, w] = x.dims();
     x.reshape([n, c, h * w]).mean_dim(2).reshape([n, c])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While training, whole samples are dropped or scaled by `1 / (1 - p)`, the same ones
+    /// for the same seed; in eval the branch passes unchanged.
+    #[test]
+    fn stochastic_depth_drops_whole_samples_reproducibly_and_only_in_training() {
+        let device = Device::flex().autodiff();
+        let depth = StochasticDepth::new(0.5);
+        let x = Tensor::<4>::ones([64, 2, 3, 3], &device);
+        let masked = |seed| {
+            device.seed(seed);
+            crate::models::to_vec(depth.forward(x.clone())).unwrap()
+        };
+        let a = masked(7);
+        assert_eq!(a, masked(7), "same seed, same mask");
+        assert_ne!(a, masked(8), "another seed, another mask");
+        let per_sample: Vec<&[f32]> = a.chunks(18).collect();
+        assert!(per_sample.iter().all(|s| s.iter().all(|&v| v == s[0])));
+        assert!(per_sample.iter().all(|s| s[0] == 0.0 || s[0] == 2.0));
+        let dropped = per_sample.iter().filter(|s| s[0] == 0.0).count();
+        assert!((16..=48).contains(&dropped), "{dropped} of 64 dropped");
+        let eval = Tensor::<4>::ones([4, 2, 3, 3], &Device::flex());
+        assert!(
+            crate::models::to_vec(depth.forward(eval))
+                .unwrap()
+                .iter()
+                .all(|&v| v == 1.0)
+        );
+    }
+}
