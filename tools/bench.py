@@ -21,6 +21,27 @@ def run(cmd, threads):
     return json.loads(out.strip().splitlines()[-1])
 
 
+ANCHORS = {
+    "inference": [("PyTorch eager", []), ("PyTorch channels_last", ["--layout", "channels_last"]),
+                  ("ONNX Runtime", ["--engine", "onnxruntime"])],
+    "full": [("PyTorch eager", []), ("PyTorch channels_last", ["--layout", "channels_last"])],
+    "head": [("PyTorch eager", [])],
+}
+ANCHORS["partial"] = ANCHORS["full"]
+COLUMNS = ["PyTorch eager", "PyTorch channels_last", "ONNX Runtime"]
+
+
+def cpu_model():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def med(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--retrain", default="target/release/retrain")
@@ -32,29 +53,41 @@ def main():
     rows = []
     for arch in a.archs.split(","):
         for w in a.workloads.split(","):
-            ours, theirs = [], []
+            anchors = ANCHORS[w]
+            ours, theirs = [], {name: [] for name, _ in anchors}
             for _ in range(a.repeats):
                 ours.append(run([a.retrain, "bench", "--arch", arch, "--workload", w, "--json"], a.threads))
-                theirs.append(run([sys.executable, str(HERE / "bench_torch.py"), "--arch", arch,
-                                   "--workload", w, "--threads", str(a.threads)], a.threads))
-                print(json.dumps(ours[-1]), json.dumps(theirs[-1]), file=sys.stderr)
-            med = lambda xs: sorted(xs)[len(xs) // 2]
-            col = lambda rs, k: [r[k] for r in rs]
-            mem = (med(col(ours, "peak_memory_mib")), med(col(theirs, "peak_memory_mib")))
-            # Each repeat runs ours and PyTorch's back to back; the ratio is the median of
-            # those paired ratios, which cancels most of the machine's drift.
-            if w == "head":
-                o, t = col(ours, "seconds"), col(theirs, "seconds")
-                ratio = med([b / a for a, b in zip(o, t)])
-                rows.append((arch, w, f"{med(o):.1f} s", f"{med(t):.1f} s", f"{ratio:.1f}x faster", *mem))
-            else:
-                o, t = col(ours, "images_per_second"), col(theirs, "images_per_second")
-                ratio = med([a / b for a, b in zip(o, t)])
-                rows.append((arch, w, f"{med(o):.1f} img/s", f"{med(t):.1f} img/s", f"{ratio:.2f}x", *mem))
-    print("| model | workload | retrain | PyTorch | ratio | retrain peak MiB | PyTorch peak MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for arch, w, o, t, r, mo, mt in rows:
-        print(f"| {arch} | {w} | {o} | {t} | {r} | {mo:.0f} | {mt:.0f} |")
+                print(json.dumps(ours[-1]), file=sys.stderr)
+                for name, extra in anchors:
+                    theirs[name].append(run([sys.executable, str(HERE / "bench_torch.py"), "--arch", arch,
+                                             "--workload", w, "--threads", str(a.threads), *extra], a.threads))
+                    print(json.dumps(theirs[name][-1]), file=sys.stderr)
+            rows.append(row(arch, w, ours, theirs))
+    print(f"CPU: {cpu_model()}, {a.threads} threads, {a.repeats} pairs per cell\n")
+    print("| model | workload | retrain | " + " | ".join(COLUMNS)
+          + " | ratio to strongest | retrain peak MiB | strongest's peak MiB |")
+    print("|---|---|---|" + "---|" * len(COLUMNS) + "---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+def row(arch, w, ours, theirs):
+    """One table row. Each repeat runs retrain and every anchor back to back; a ratio is the
+    median of those paired ratios, which cancels most of the machine's drift. The strongest
+    anchor is the one with the best median."""
+    key = "seconds" if w == "head" else "images_per_second"
+    unit = (lambda v: f"{v:.1f} s") if w == "head" else (lambda v: f"{v:.1f} img/s")
+    o = [r[key] for r in ours]
+    medians = {name: med([r[key] for r in rs]) for name, rs in theirs.items()}
+    best = (min if w == "head" else max)(medians, key=medians.get)
+    t = [r[key] for r in theirs[best]]
+    if w == "head":
+        ratio = f"{med([b / a for a, b in zip(o, t)]):.1f}x faster ({best})"
+    else:
+        ratio = f"{med([a / b for a, b in zip(o, t)]):.2f}x ({best})"
+    cells = [unit(medians[c]) if c in medians else "-" for c in COLUMNS]
+    mem = (med([r["peak_memory_mib"] for r in ours]), med([r["peak_memory_mib"] for r in theirs[best]]))
+    return [arch, w, unit(med(o)), *cells, ratio, f"{mem[0]:.0f}", f"{mem[1]:.0f}"]
 
 
 if __name__ == "__main__":

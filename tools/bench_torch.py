@@ -1,8 +1,15 @@
 """PyTorch side of `retrain bench`: the same workloads, measured the same way, printed as
-the same JSON. Dev-only (torch + torchvision venv). Threads are pinned to the count given
-(retrain's rayon pool uses the same number: RAYON_NUM_THREADS).
+the same JSON. Dev-only (torch + torchvision venv; onnx, onnxscript and onnxruntime for
+`--engine onnxruntime`). Threads are pinned to the count given (retrain's rayon pool uses
+the same number: RAYON_NUM_THREADS).
 
     python tools/bench_torch.py --arch mobilenet_v2 --workload full --threads 2
+    python tools/bench_torch.py --arch resnet18 --workload full --layout channels_last
+    python tools/bench_torch.py --arch resnet18 --workload inference --engine onnxruntime
+
+The anchors an informed user runs: `--layout channels_last` (model and input in NHWC
+memory, `inference_mode` for inference), and ONNX Runtime on the model exported by
+`torch.onnx.export` (opset 17, all graph optimisations, intra-op threads as given).
 """
 
 import argparse
@@ -15,7 +22,16 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-PARTIAL = {"mobilenet_v2": "features.0-13", "resnet18": "conv1,bn1,layer1,layer2"}
+# retrain's default partial freeze for each architecture (its family's `default_partial`).
+PARTIAL = {
+    "mobilenet_v2": "features.0-13",
+    "resnet18": "conv1,bn1,layer1,layer2",
+    "efficientnet_b0": "features.0-4",
+    "mobilenet_v3_large": "features.0-12",
+    "convnext_tiny": "features.0-4",
+}
+HEAD = {"mobilenet_v2": "classifier", "efficientnet_b0": "classifier.1",
+        "mobilenet_v3_large": "classifier.3", "convnext_tiny": "classifier.2"}
 
 
 def frozen_prefixes(arch):
@@ -51,6 +67,24 @@ def timed(warmup, steps, fn):
     return out
 
 
+def onnxruntime_inference(model, x, threads, warmup, steps):
+    """Seconds per batch of ONNX Runtime's CPU execution provider on the exported model."""
+    import tempfile
+
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/model.onnx"
+        torch.onnx.export(model, (x,), path, opset_version=17, input_names=["input"],
+                          output_names=["logits"], dynamo=True, external_data=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed = {"input": x.numpy()}
+        return timed(warmup, steps, lambda: session.run(None, feed))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="mobilenet_v2")
@@ -60,16 +94,25 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
+    ap.add_argument("--engine", choices=["pytorch", "onnxruntime"], default="pytorch")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = getattr(torchvision.models, a.arch)(num_classes=1000)
     x = torch.randn(a.batch_size, 3, a.image_size, a.image_size)
     y = torch.arange(a.batch_size) % 1000
+    if a.layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     ips = seconds = None
-    if a.workload == "inference":
+    if a.workload == "inference" and a.engine == "onnxruntime":
         model.eval()
-        with torch.no_grad():
+        t = onnxruntime_inference(model, x, a.threads, a.warmup, a.steps)
+        ips = a.batch_size / statistics.median(t)
+    elif a.workload == "inference":
+        model.eval()
+        with torch.inference_mode():
             t = timed(a.warmup, a.steps, lambda: model(x))
         ips = a.batch_size / statistics.median(t)
     elif a.workload in ("full", "partial"):
@@ -87,7 +130,7 @@ def main():
         ips = a.batch_size / statistics.median(t)
     else:
         # The naive loop: backbone forward every step, parameters frozen with requires_grad=False.
-        head = "classifier" if a.arch == "mobilenet_v2" else "fc"
+        head = HEAD.get(a.arch, "fc")
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(head))
         model.train()
@@ -101,9 +144,9 @@ def main():
         seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
-        "engine": "pytorch", "arch": a.arch, "workload": a.workload, "batch_size": a.batch_size,
+        "engine": a.engine, "layout": a.layout, "arch": a.arch, "workload": a.workload, "batch_size": a.batch_size,
         "image_size": a.image_size, "threads": a.threads, "images_per_second": ips,
-        "seconds": seconds, "peak_memory_mib": peak, "version": torch.__version__,
+        "seconds": seconds, "peak_memory_mib": peak, "version": torch.__version__ if a.engine == "pytorch" else __import__("onnxruntime").__version__,
     }))
 
 
