@@ -210,6 +210,15 @@ fn module_view_matches_torch_named_modules_convnext() {
     check_module_view("convnext_tiny_w8.pth", "convnext_tiny_w8_modules.json");
 }
 
+/// RegNet's blocks are `block1-0` in PyTorch: the view, like loading, uses those names.
+#[test]
+fn module_view_matches_torch_named_modules_regnet() {
+    check_module_view(
+        "regnet_y_400mf_w025.pth",
+        "regnet_y_400mf_w025_modules.json",
+    );
+}
+
 #[test]
 fn modules_view_previews_a_freeze_spec() {
     let list: serde_json::Value = serde_json::from_str(&retrain_ok([

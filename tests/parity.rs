@@ -138,6 +138,15 @@ fn convnext_matches_pytorch() {
 }
 
 #[test]
+fn regnet_y_matches_pytorch() {
+    check_forward(
+        &fixture("regnet_y_400mf_w025.pth"),
+        "regnet_y_400mf_w025_io.safetensors",
+        1e-4,
+    );
+}
+
+#[test]
 fn efficientnet_lite0_real_weights_match_pytorch() {
     if let Some(ckpt) = lite0_checkpoint() {
         check_forward(&ckpt, "lite0_io.safetensors", 1e-4);

@@ -285,6 +285,45 @@ fn resume_continues_exactly() {
     );
 }
 
+/// RegNet's PyTorch names (`trunk_output.block1.block1-0...`) differ from its module paths:
+/// freezing the family's partial set by those names keeps exactly those tensors, BatchNorm
+/// statistics included, bit-identical, and the rest trains.
+#[test]
+fn regnet_partial_freeze_follows_pytorch_names() {
+    let dir = tempdir();
+    let data = toy(dir.path(), 12);
+    let original = checkpoint::read(&fixture("regnet_y_400mf_w025.pth"), None).unwrap();
+    let run = dir.path().join("run");
+    train(
+        &data,
+        &run,
+        "regnet_y_400mf_w025.pth",
+        &["--freeze", "partial", "--epochs", "1", "--lr", "1e-2"],
+    );
+    let trained = checkpoint::read(&run.join("last/model.safetensors"), None).unwrap();
+    let frozen = |k: &str| {
+        ["stem.", "trunk_output.block1.", "trunk_output.block2."]
+            .iter()
+            .any(|p| k.starts_with(p))
+            && !k.ends_with("num_batches_tracked")
+    };
+    let mut checked = 0;
+    for (name, t) in original.iter() {
+        let after = &trained.get(name).unwrap_or_else(|| panic!("{name}")).data;
+        if frozen(name) {
+            assert_eq!(after, &t.data, "{name} changed");
+            checked += 1;
+        }
+    }
+    assert!(checked > 50, "checked {checked} frozen tensors");
+    let moved = "trunk_output.block4.block4-5.f.c.0.weight";
+    assert_ne!(
+        trained.get(moved).unwrap().data,
+        original.get(moved).unwrap().data
+    );
+    assert_eq!(json(&run.join("summary.json"))["frozen_tensors"], checked);
+}
+
 /// The same seed gives the same weights bit for bit on 1, 2 and 3 threads: every parallel
 /// reduction combines its partial sums in a fixed order.
 #[test]

@@ -31,7 +31,7 @@ RETRAIN = ROOT / "target" / "release" / "retrain"
 
 
 def family(arch: str) -> str:
-    for prefix in ("mobilenet_v3", "mobilenet_v2", "efficientnet", "convnext"):
+    for prefix in ("mobilenet_v3", "mobilenet_v2", "efficientnet", "convnext", "regnet"):
         if arch.startswith(prefix):
             return prefix
     return "resnet"

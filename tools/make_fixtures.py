@@ -138,6 +138,15 @@ def narrow_convnext_tiny(width: int, num_classes: int):
     return ConvNeXt(setting, stochastic_depth_prob=0.1, num_classes=num_classes)
 
 
+def narrow_regnet_y_400mf(num_classes: int):
+    """torchvision's RegNetY-400MF stages at a quarter width (widths rounded up to whole
+    groups, as retrain narrows it: stem 8, widths 12, 26, 52, 110, groups of 2)."""
+    from torchvision.models.regnet import BlockParams, RegNet
+    params = BlockParams(depths=[1, 3, 6, 6], widths=[12, 26, 52, 110], group_widths=[2] * 4,
+                         bottleneck_multipliers=[1.0] * 4, strides=[2] * 4, se_ratio=0.25)
+    return RegNet(params, num_classes=num_classes, stem_width=8)
+
+
 def narrow_efficientnet_b0(width: float, num_classes: int):
     from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
     setting, last = _efficientnet_conf("efficientnet_b0", width_mult=width, depth_mult=1.0)
@@ -156,6 +165,8 @@ def embed(arch: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.classifier[1](model.classifier[0](pooled))
     if arch == "efficientnet_lite0":
         return F.adaptive_avg_pool2d(model.extract_features(x), 1).flatten(1)
+    if arch == "regnet":
+        return F.adaptive_avg_pool2d(model.trunk_output(model.stem(x)), 1).flatten(1)
     m = model
     x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
     x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
@@ -269,6 +280,8 @@ TORCHVISION_ARCHS = [
     *[f"efficientnet_b{i}" for i in range(8)],
     "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l",
     "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
+    *[f"regnet_y_{s}" for s in ("400mf", "800mf", "1_6gf", "3_2gf", "8gf", "16gf", "32gf", "128gf")],
+    *[f"regnet_x_{s}" for s in ("400mf", "800mf", "1_6gf", "3_2gf", "8gf", "16gf", "32gf")],
 ]
 
 
@@ -334,6 +347,9 @@ def main():
     convnext = narrow_convnext_tiny(8, 10)
     write_parity("convnext_tiny_w8", "convnext", convnext, 64, seed=9, legacy=False)
     write_named_modules("convnext_tiny_w8", convnext)
+    regnet = narrow_regnet_y_400mf(10)
+    write_parity("regnet_y_400mf_w025", "regnet", regnet, 64, seed=10, legacy=False)
+    write_named_modules("regnet_y_400mf_w025", regnet)
     write_reader_edge_cases(mbv2)
     write_imagenet_labels()
     write_torchvision_weights()

@@ -73,10 +73,11 @@ fn head_modules(spec: &ModelSpec) -> Vec<String> {
 }
 
 fn model_tensor_names(model: &Model) -> Vec<String> {
+    let torch_name = model.torch_namer();
     model
         .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
         .into_iter()
-        .map(|t| t.name)
+        .map(|t| torch_name(&t.name))
         .collect()
 }
 
@@ -171,8 +172,10 @@ fn expand_range(item: &str, names: &[&str]) -> anyhow::Result<Vec<String>> {
 
 /// Sets gradients and BatchNorm/Dropout training flags by module path.
 struct Freezer<'a> {
-    /// PyTorch path segments; enum levels (absent from PyTorch names) are `None`.
+    /// Path segments; enum levels (absent from PyTorch names) are `None`.
     path: Vec<Option<String>>,
+    /// The network's map from its paths to PyTorch's names.
+    torch_name: fn(&str) -> String,
     set: &'a FreezeSet,
     frozen_bn: FrozenBn,
 }
@@ -180,7 +183,7 @@ struct Freezer<'a> {
 impl Freezer<'_> {
     fn frozen(&self) -> bool {
         let name: Vec<&str> = self.path.iter().flatten().map(String::as_str).collect();
-        self.set.contains(&name.join("."))
+        self.set.contains(&(self.torch_name)(&name.join(".")))
     }
 }
 
@@ -205,8 +208,10 @@ impl ModuleMapper for Freezer<'_> {
 
 /// Freeze what `set` names and make everything else trainable.
 pub fn apply(model: Model, set: &FreezeSet, frozen_bn: FrozenBn) -> Model {
+    let torch_name = model.torch_namer();
     model.map(&mut Freezer {
         path: Vec::new(),
+        torch_name,
         set,
         frozen_bn,
     })
@@ -215,14 +220,15 @@ pub fn apply(model: Model, set: &FreezeSet, frozen_bn: FrozenBn) -> Model {
 /// SHA-256 of every frozen tensor (parameters, and BatchNorm statistics unless they are
 /// allowed to move), by PyTorch name.
 pub fn checksums(model: &Model, set: &FreezeSet, frozen_bn: FrozenBn) -> BTreeMap<String, String> {
+    let torch_name = model.torch_namer();
     model
         .valid()
         .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
         .into_iter()
-        .filter(|t| set.contains(&t.name))
-        .filter(|t| frozen_bn == FrozenBn::Eval || !t.name.contains("running_"))
-        .map(|t| {
-            let name = t.name.clone();
+        .map(|t| (torch_name(&t.name), t))
+        .filter(|(name, _)| set.contains(name))
+        .filter(|(name, _)| frozen_bn == FrozenBn::Eval || !name.contains("running_"))
+        .map(|(name, t)| {
             let data = bridge::into_data(t).expect("in-memory tensor");
             (name, format!("{:x}", Sha256::digest(data.as_bytes())))
         })

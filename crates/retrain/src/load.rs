@@ -226,12 +226,13 @@ pub fn load_pretrained(path: &Path, options: &LoadOptions, device: &Device) -> R
 
 /// The model's tensors as PyTorch names them, with PyTorch's shapes.
 pub fn torch_tensors(model: &Model) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let torch_name = model.torch_namer();
     model
         .valid()
         .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
         .into_iter()
         .map(|t| {
-            let name = t.name.clone();
+            let name = torch_name(&t.name);
             let data = bridge::into_data(t).expect("in-memory tensor");
             let shape = data.shape().to_vec();
             let values = data.try_into_vec_as::<f32>().expect("float tensor");
@@ -250,10 +251,12 @@ pub fn apply_state_dict(
     allow_partial: bool,
 ) -> Result<LoadReport> {
     let head = spec.head_tensors();
-    let expected: Vec<(String, Vec<usize>)> = model
+    let torch_name = model.torch_namer();
+    // (PyTorch's name, shape, the model's own path for applying).
+    let expected: Vec<(String, Vec<usize>, String)> = model
         .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
         .into_iter()
-        .map(|t| (t.name.clone(), t.shape.to_vec()))
+        .map(|t| (torch_name(&t.name), t.shape.to_vec(), t.name.clone()))
         .collect();
     let mut report = LoadReport {
         checkpoint: sd.path.display().to_string(),
@@ -270,13 +273,13 @@ pub fn apply_state_dict(
         non_finite: Vec::new(),
     };
     let mut packs = Vec::new();
-    for (name, shape) in &expected {
+    for (name, shape, path) in &expected {
         let is_head = head.contains(&name.as_str());
         match sd.get(name) {
             Some(t) if &t.shape == shape => {
                 packs.push(bridge::from_data(
                     TensorData::new(t.data.clone(), t.shape.clone()),
-                    name.clone(),
+                    path.clone(),
                     None,
                 ));
                 report.num_loaded_values += t.data.len();
@@ -300,7 +303,7 @@ pub fn apply_state_dict(
         }
     }
     for name in sd.keys() {
-        if expected.iter().any(|(n, _)| n == name) {
+        if expected.iter().any(|(n, ..)| n == name) {
             continue;
         }
         if name.ends_with("num_batches_tracked") {

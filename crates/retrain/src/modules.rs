@@ -46,6 +46,8 @@ struct TreeBuilder<'a> {
     /// Index into `modules`, or `None` for a level PyTorch does not name (enum variant).
     stack: Vec<Option<usize>>,
     is_frozen: &'a dyn Fn(&str) -> bool,
+    /// The network's map from its paths to PyTorch's names.
+    torch_name: fn(&str) -> String,
 }
 
 impl TreeBuilder<'_> {
@@ -136,7 +138,7 @@ impl ModuleVisitor for TreeBuilder<'_> {
             info.name.strip_suffix(&field).unwrap_or(&info.name),
             torch_param_name(&kind, &field)
         );
-        let trainable = !is_buffer && !(self.is_frozen)(&name);
+        let trainable = !is_buffer && !(self.is_frozen)(&(self.torch_name)(&name));
         self.modules[owner].params.push(ParamInfo {
             numel: shape.iter().product(),
             shape,
@@ -170,10 +172,18 @@ pub fn named_modules(
         }],
         stack: Vec::new(),
         is_frozen,
+        torch_name: model.torch_namer(),
     };
     model.visit(&mut builder);
     let mut modules = builder.modules;
     modules[0].kind = root.to_string();
+    let torch_name = model.torch_namer();
+    for m in &mut modules {
+        m.name = torch_name(&m.name);
+        m.params
+            .iter_mut()
+            .for_each(|p| p.name = torch_name(&p.name));
+    }
     // Parameter totals per subtree (buffers excluded, as PyTorch's parameters()).
     let own: Vec<usize> = modules
         .iter()

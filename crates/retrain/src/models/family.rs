@@ -64,6 +64,13 @@ pub trait Family: Module + Debug + Sized {
         None
     }
 
+    /// PyTorch's name for the parameter or module at burn path `path`, where the module
+    /// tree has names no Rust field can have (RegNet's `block1-0`); the path itself for most
+    /// families.
+    fn torch_name(path: &str) -> String {
+        path.to_string()
+    }
+
     /// The classifier's Linear layer.
     fn head(&self) -> &Linear;
 

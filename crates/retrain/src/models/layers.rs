@@ -337,6 +337,14 @@ impl Activation {
         )
     }
 
+    /// torchvision's default (RegNet's): ReLU inside, sigmoid as the gate.
+    pub fn relu_sigmoid() -> (Activation, Activation) {
+        (
+            Activation::ReLU(Relu::new()),
+            Activation::Sigmoid(Sigmoid::new()),
+        )
+    }
+
     /// torchvision's EfficientNet gate: SiLU inside, sigmoid as the gate.
     pub fn silu_sigmoid() -> (Activation, Activation) {
         (
@@ -363,7 +371,8 @@ impl SqueezeExcitation {
         }
     }
 
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    /// `x` scaled channel by channel by its gate.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let scale = x.clone().mean_dim(3).mean_dim(2);
         let scale = self.activation.forward(kernels::conv2d(&self.fc1, scale));
         let scale = self

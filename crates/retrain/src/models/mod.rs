@@ -10,6 +10,7 @@ pub mod family;
 pub mod layers;
 pub mod mobilenet_v2;
 pub mod mobilenet_v3;
+pub mod regnet;
 pub mod resnet;
 pub mod weights;
 
@@ -148,6 +149,14 @@ macro_rules! registry {
         }
 
         impl Model {
+            /// Maps a burn path of this network to PyTorch's name for it (see
+            /// [`Family::torch_name`]); a plain function, for visitors that consume the model.
+            pub fn torch_namer(&self) -> fn(&str) -> String {
+                match self {
+                    $(Model::$name(_) => <$family as Family>::torch_name,)+
+                }
+            }
+
             /// The classifier's Linear layer (the head that `--num-classes` replaces).
             pub fn head(&self) -> &Linear {
                 match self {
@@ -199,6 +208,7 @@ registry! {
     MobileNetV3 => mobilenet_v3::MobileNetV3,
     EfficientNet => efficientnet::EfficientNet,
     ConvNeXt => convnext::ConvNeXt,
+    RegNet => regnet::RegNet,
     EfficientNetLite => efficientnet_lite::EfficientNetLite,
 }
 
