@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
 use super::layers::{
-    ConvSpec, Flatten, Layer, Permute, StochasticDepth, global_avg_pool, head, layer_norm, linear,
-    sequential,
+    ConvSpec, Flatten, Layer, Permute, StochasticDepth, classifier_head, global_avg_pool, head,
+    layer_norm, linear, reset_classifier_head, sequential,
 };
 use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
@@ -285,15 +285,11 @@ impl Family for ConvNeXt {
     }
 
     fn head(&self) -> &Linear {
-        match &self.classifier[2] {
-            Layer::Linear(linear) => linear,
-            other => unreachable!("classifier.2 is Linear, found {other:?}"),
-        }
+        classifier_head(&self.classifier, 2)
     }
 
     fn reset_classifier(&mut self, num_classes: usize, device: &Device) {
-        let features = self.head().weight.dims()[0];
-        self.classifier[2] = Layer::Linear(head(features, num_classes, device));
+        reset_classifier_head(&mut self.classifier, 2, num_classes, device);
     }
 
     fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
 use super::layers::{
-    Activation, ConvSpec, Layer, Norm, SqueezeExcitation, StochasticDepth, conv_bn_act, dropout,
-    fold_sequential, head, make_divisible, sequential, silu,
+    Activation, ConvSpec, Layer, Norm, SqueezeExcitation, StochasticDepth, classifier_head,
+    conv_bn_act, dropout, fold_sequential, head, make_divisible, reset_classifier_head, sequential,
+    silu,
 };
 use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
@@ -566,15 +567,11 @@ impl Family for EfficientNet {
     }
 
     fn head(&self) -> &Linear {
-        match &self.classifier[1] {
-            Layer::Linear(linear) => linear,
-            other => unreachable!("classifier.1 is Linear, found {other:?}"),
-        }
+        classifier_head(&self.classifier, 1)
     }
 
     fn reset_classifier(&mut self, num_classes: usize, device: &Device) {
-        let features = self.head().weight.dims()[0];
-        self.classifier[1] = Layer::Linear(head(features, num_classes, device));
+        reset_classifier_head(&mut self.classifier, 1, num_classes, device);
     }
 
     fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {

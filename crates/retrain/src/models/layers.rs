@@ -194,6 +194,25 @@ pub fn head(features: usize, classes: usize, device: &Device) -> Linear {
         .init(device)
 }
 
+/// The head Linear at `classifier[index]` (a torchvision `classifier` Sequential).
+pub fn classifier_head(classifier: &[Layer], index: usize) -> &Linear {
+    match &classifier[index] {
+        Layer::Linear(linear) => linear,
+        other => unreachable!("classifier.{index} is Linear, found {other:?}"),
+    }
+}
+
+/// Replace the head Linear at `classifier[index]` by a new one with `num_classes` outputs.
+pub fn reset_classifier_head(
+    classifier: &mut [Layer],
+    index: usize,
+    num_classes: usize,
+    device: &Device,
+) {
+    let features = classifier_head(classifier, index).weight.dims()[0];
+    classifier[index] = Layer::Linear(head(features, num_classes, device));
+}
+
 /// Dropout that zeroes with probability `prob` (`nn.Dropout(p)`).
 pub fn dropout(prob: f64) -> Dropout {
     DropoutConfig::new(prob).init()

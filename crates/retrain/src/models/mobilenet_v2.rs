@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::batch_norm::BatchNorm;
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
-use super::layers::{ConvSpec, Layer, Norm, conv_bn_act, dropout, head, make_divisible, relu6};
+use super::layers::{
+    ConvSpec, Layer, Norm, classifier_head, conv_bn_act, dropout, head, make_divisible, relu6,
+    reset_classifier_head,
+};
 use super::layers::{fold_sequential, sequential};
 use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
@@ -224,15 +227,11 @@ impl Family for MobileNetV2 {
     }
 
     fn head(&self) -> &Linear {
-        match &self.classifier[1] {
-            Layer::Linear(linear) => linear,
-            other => unreachable!("classifier.1 is Linear, found {other:?}"),
-        }
+        classifier_head(&self.classifier, 1)
     }
 
     fn reset_classifier(&mut self, num_classes: usize, device: &Device) {
-        let features = self.head().weight.dims()[0];
-        self.classifier[1] = Layer::Linear(head(features, num_classes, device));
+        reset_classifier_head(&mut self.classifier, 1, num_classes, device);
     }
 
     fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {

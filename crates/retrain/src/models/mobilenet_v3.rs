@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
 use super::layers::{
-    Activation, ConvSpec, Layer, Norm, SqueezeExcitation, conv_bn_act, dropout, fold_sequential,
-    global_avg_pool, hardswish, head, make_divisible, relu, sequential,
+    Activation, ConvSpec, Layer, Norm, SqueezeExcitation, classifier_head, conv_bn_act, dropout,
+    fold_sequential, global_avg_pool, hardswish, head, make_divisible, relu, reset_classifier_head,
+    sequential,
 };
 use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
@@ -333,15 +334,11 @@ impl Family for MobileNetV3 {
     }
 
     fn head(&self) -> &Linear {
-        match &self.classifier[3] {
-            Layer::Linear(linear) => linear,
-            other => unreachable!("classifier.3 is Linear, found {other:?}"),
-        }
+        classifier_head(&self.classifier, 3)
     }
 
     fn reset_classifier(&mut self, num_classes: usize, device: &Device) {
-        let features = self.head().weight.dims()[0];
-        self.classifier[3] = Layer::Linear(head(features, num_classes, device));
+        reset_classifier_head(&mut self.classifier, 3, num_classes, device);
     }
 
     fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
