@@ -57,7 +57,7 @@ impl Layer {
             Layer::ReLU(m) => m.forward(x),
             Layer::ReLU6(_) => kernels::relu6(x),
             Layer::Hardswish(m) => m.forward(x),
-            Layer::SiLU(m) => m.forward(x),
+            Layer::SiLU(_) => kernels::silu(x),
             Layer::GELU(m) => m.forward(x),
             Layer::LayerNorm(m) => m.forward(x),
             Layer::LayerNorm2d(m) => m.forward(x.permute([0, 2, 3, 1])).permute([0, 3, 1, 2]),
@@ -337,7 +337,7 @@ impl Activation {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match self {
             Activation::ReLU(m) => m.forward(x),
-            Activation::SiLU(m) => m.forward(x),
+            Activation::SiLU(_) => kernels::silu(x),
             Activation::Sigmoid(m) => m.forward(x),
             Activation::Hardsigmoid(m) => m.forward(x),
         }
