@@ -16,6 +16,7 @@ use retrain::job::{Cancellation, Job};
 use retrain::load::{LoadOptions, Loaded, load_pretrained, read_input};
 use retrain::models::{Arch, ModelSpec, describe, detect, to_vec};
 use retrain::modules::{group, named_modules, render};
+use retrain::onnx::{Deployment, export_onnx};
 use retrain::output::{read_json, write_atomic, write_json, write_safetensors};
 use retrain::predict::{Classifier, TopClass};
 use retrain::ranges;
@@ -122,13 +123,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Export a run's weights for PyTorch (`.pth`, zip format) or as `.safetensors`.
-    Export {
-        #[arg(long)]
-        run: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-    },
+    /// Export a run or a checkpoint: for PyTorch (`.pth`, `.safetensors`) or for
+    /// deployment (`.onnx`); the format follows the extension of `--out`.
+    Export(Box<ExportArgs>),
     /// Measure one workload's speed and peak memory (see tools/bench.py for the comparison
     /// with PyTorch).
     Bench(crate::bench::BenchArgs),
@@ -169,6 +166,26 @@ struct TrainArgs {
     /// Total epochs [default: 10; on resume, the run's own].
     #[arg(long, value_parser = ranges::at_least_one)]
     epochs: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ExportArgs {
+    /// A run folder from `train`: its best weights, classes and preprocessing.
+    #[arg(long, conflicts_with = "weights", required_unless_present = "weights")]
+    run: Option<PathBuf>,
+    #[arg(long, value_parser = arch_parser(), conflicts_with = "run")]
+    arch: Option<Arch>,
+    /// A new head with this many outputs (with `--weights`).
+    #[arg(long, value_parser = ranges::num_classes, conflicts_with = "run")]
+    num_classes: Option<usize>,
+    #[command(flatten)]
+    weights: WeightsArgs,
+    /// The file to write: `.pth` (zip), `.safetensors` or `.onnx`.
+    #[arg(long)]
+    out: PathBuf,
+    /// ONNX only: also output `probabilities`, the softmax of the logits.
+    #[arg(long)]
+    with_softmax: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -383,7 +400,7 @@ pub fn run(invocation: Invocation) -> anyhow::Result<()> {
             batch_size,
             json,
         } => eval_command(&run, data.as_deref(), batch_size, json, job.device),
-        Command::Export { run, out } => export_command(&run, &out, job.device),
+        Command::Export(args) => export_command(&args, &job),
         Command::Demo { out } => crate::demo::demo(&out, &job),
         Command::Bench(args) => crate::bench::command(&args, job.device),
         Command::Train(args) => train_command(*args, &matches, &job),
@@ -481,14 +498,52 @@ fn weights_command(arch: Option<Arch>, json: bool, hub: &Hub) -> anyhow::Result<
     Ok(())
 }
 
-fn export_command(run: &Path, out: &Path, device: &Device) -> anyhow::Result<()> {
-    let (model, config) = load_run(run, device)?;
-    export(&model, out)?;
+fn export_command(args: &ExportArgs, job: &Job) -> anyhow::Result<()> {
+    let (model, deployment) = match &args.run {
+        Some(run) => {
+            let (model, config) = load_run(run, job.device)?;
+            (model, Deployment::of_run(run, &config))
+        }
+        None => {
+            let (loaded, registered) = args.weights.load(args.arch, args.num_classes, job)?;
+            let config = loaded.spec.pretrained_config(registered);
+            let source = match (registered, &args.weights.weights) {
+                (Some(w), _) => w.name(),
+                (None, file) => file
+                    .as_deref()
+                    .map_or(String::new(), |f| f.display().to_string()),
+            };
+            (
+                loaded.model,
+                Deployment::of_weights(&loaded.spec, config, source),
+            )
+        }
+    };
+    let deployment = Deployment {
+        with_softmax: args.with_softmax,
+        ..deployment
+    };
+    let out = &args.out;
+    let is_onnx = out.extension().is_some_and(|e| e == "onnx");
+    if is_onnx {
+        export_onnx(&model, &deployment, out)?;
+    } else if args.with_softmax {
+        return Err(usage_error(
+            "--with-softmax applies to an .onnx --out only".into(),
+        ));
+    } else {
+        export(&model, out)?;
+    }
+    let classes = model.head().weight.dims()[1];
+    let names = if is_onnx {
+        "ONNX opset 17"
+    } else {
+        "PyTorch names"
+    };
     println!(
-        "wrote {} ({} with {} classes, PyTorch names)",
+        "wrote {} ({} with {classes} classes, {names})",
         out.display(),
-        describe(&config.model),
-        config.classes.len()
+        deployment.architecture,
     );
     Ok(())
 }
@@ -546,6 +601,9 @@ struct InspectOutput<'a> {
 }
 
 fn inspect(text: &Path, key: Option<&str>, json: bool, job: &Job) -> anyhow::Result<()> {
+    if text.extension().is_some_and(|e| e == "onnx") {
+        return inspect_onnx(text, json);
+    }
     let resolved = WeightsRef::parse(text).resolve(&job.hub, job.observer)?;
     let file = resolved.path.as_path();
     let sd = checkpoint::read_layout(file, key)?;
@@ -588,6 +646,49 @@ fn inspect(text: &Path, key: Option<&str>, json: bool, job: &Job) -> anyhow::Res
             spec.num_classes
         ),
         None => println!("architecture: not recognised"),
+    }
+    Ok(())
+}
+
+/// `inspect` of an `.onnx` file: opset, inputs and outputs, operators, metadata.
+fn inspect_onnx(file: &Path, json: bool) -> anyhow::Result<()> {
+    let model = retrain::onnx_format::read(file)?;
+    let summary = retrain::onnx_format::Summary::of(&model);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    let opsets: Vec<String> = summary
+        .opsets
+        .iter()
+        .map(|(domain, v)| format!("{}{v}", if domain.is_empty() { "" } else { domain }))
+        .collect();
+    println!(
+        "{} (ONNX, IR version {}, opset {}, written by {})",
+        file.display(),
+        summary.ir_version,
+        opsets.join(", "),
+        summary.producer
+    );
+    for (kind, values) in [("input", &summary.inputs), ("output", &summary.outputs)] {
+        for v in values {
+            println!(
+                "  {kind:<7} {:<16} {} [{}]",
+                v.name,
+                v.elem_type,
+                v.shape.join(", ")
+            );
+        }
+    }
+    let operators: Vec<String> = summary
+        .operators
+        .iter()
+        .map(|(op, n)| format!("{op} {n}"))
+        .collect();
+    println!("{} nodes: {}", summary.nodes, operators.join(", "));
+    println!("{} parameters", group(summary.parameters as usize));
+    for (key, value) in &summary.metadata {
+        println!("  {key}: {value}");
     }
     Ok(())
 }

@@ -298,7 +298,40 @@ fn eval_predict_and_export_use_the_run() {
         "--run",
         run.to_str().unwrap(),
         "--out",
-        dir.path().join("m.onnx").to_str().unwrap(),
+        dir.path().join("m.txt").to_str().unwrap(),
     ]);
-    assert!(stderr.contains(".pth or .safetensors"), "{stderr}");
+    assert!(stderr.contains(".pth, .safetensors or .onnx"), "{stderr}");
+
+    // export to ONNX: the run's classes and preprocessing travel in the file.
+    let onnx = dir.path().join("model.onnx");
+    retrain_ok([
+        "export",
+        "--run",
+        run.to_str().unwrap(),
+        "--out",
+        onnx.to_str().unwrap(),
+        "--with-softmax",
+    ]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&retrain_ok(["inspect", onnx.to_str().unwrap(), "--json"])).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+    let metadata = &summary["metadata"];
+    let classes: serde_json::Value =
+        serde_json::from_str(metadata["classes"].as_str().unwrap()).unwrap();
+    assert_eq!(classes, config["classes"]);
+    assert_eq!(metadata["input_size"], "32");
+    assert_eq!(metadata["source"], run.to_str().unwrap());
+    let outputs: Vec<&str> = summary["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(outputs, ["logits", "probabilities"]);
+    assert_eq!(
+        summary["outputs"][0]["shape"],
+        serde_json::json!(["batch", "3"])
+    );
+    assert_eq!(summary["opsets"], serde_json::json!([["", 17]]));
 }

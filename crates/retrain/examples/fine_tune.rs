@@ -1,5 +1,6 @@
 //! Fine-tune from Rust: load pretrained weights by name, freeze the backbone, train the
-//! head on a folder of class folders, then classify images with the result.
+//! head on a folder of class folders, export the result to ONNX (`OUT_DIR/model.onnx`), and
+//! classify images with it.
 //!
 //! ```sh
 //! cargo run --release --example fine_tune -- resnet18.IMAGENET1K_V1 photos/ run/ photo.jpg
@@ -10,12 +11,14 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::Device;
+use retrain::evaluate::load_run;
 use retrain::job::Job;
+use retrain::onnx::{Deployment, export_onnx};
 use retrain::predict::{Classifier, Prediction};
 use retrain::train::{Existing, TrainOptions, train};
 
-/// Train the head of `weights` on `data` into `out` for a few epochs, then classify
-/// `images` with the best epoch.
+/// Train the head of `weights` on `data` into `out` for a few epochs, export the best epoch
+/// to ONNX, then classify `images` with it.
 fn fine_tune(
     weights: &str,
     data: &Path,
@@ -33,6 +36,12 @@ fn fine_tune(
     };
     let summary = train(&options, out, Existing::Replace, &job)?;
     println!("best validation top-1: {:.3}", summary.best_top1);
+    let (model, config) = load_run(out, &device)?;
+    export_onnx(
+        &model,
+        &Deployment::of_run(out, &config),
+        &out.join("model.onnx"),
+    )?;
     Classifier::from_run(out, &device)?.classify(images, 3)
 }
 
@@ -87,5 +96,11 @@ mod tests {
         assert!(classes.contains(&top[0].label.as_str()), "{top:?}");
         assert!(top[0].prob >= top[1].prob && top[1].prob >= top[2].prob);
         assert!(run.join("summary.json").exists());
+        let onnx = retrain::onnx_format::read(&run.join("model.onnx")).unwrap();
+        let summary = retrain::onnx_format::Summary::of(&onnx);
+        assert_eq!(
+            summary.metadata["classes"],
+            serde_json::to_string(&classes).unwrap()
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! with it, with its context ("RUN/config.json: not valid: ...").
 
 use crate::checkpoint::CheckpointError;
+use crate::onnx_format::OnnxError;
 use std::path::PathBuf;
 
 /// What went wrong in a library call.
@@ -11,6 +12,9 @@ pub enum Error {
     /// A checkpoint file is unreadable, unsafe or malformed.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// An `.onnx` file is unreadable or not a model.
+    #[error(transparent)]
+    Onnx(#[from] OnnxError),
     /// Registered weights could not be found, downloaded or verified.
     #[error(transparent)]
     Hub(#[from] HubError),
@@ -100,6 +104,10 @@ impl From<anyhow::Error> for Error {
         }
         let e = match e.downcast::<CheckpointError>() {
             Ok(e) => return Error::Checkpoint(e),
+            Err(e) => e,
+        };
+        let e = match e.downcast::<OnnxError>() {
+            Ok(e) => return Error::Onnx(e),
             Err(e) => e,
         };
         let e = match e.downcast::<HubError>() {

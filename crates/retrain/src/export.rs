@@ -36,7 +36,8 @@ pub fn state_dict(model: &Model) -> Vec<NamedTensor> {
     out
 }
 
-/// Write the model's weights to `path`: `.pth` (zip) or `.safetensors`, by extension.
+/// Write the model's weights to `path`: `.pth` (zip) or `.safetensors`, by extension (ONNX
+/// is [`crate::onnx::export_onnx`]).
 pub fn export(model: &Model, path: &Path) -> Result<()> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("pth" | "pt") => {
@@ -45,8 +46,12 @@ pub fn export(model: &Model, path: &Path) -> Result<()> {
             Ok(write_atomic(path, &bytes)?)
         }
         Some("safetensors") => write_weights(path, model),
+        Some("onnx") => bail!(
+            "{}: an ONNX file carries its preprocessing and classes: write it with onnx::export_onnx",
+            path.display()
+        ),
         _ => bail!(
-            "{}: choose the format by extension: .pth or .safetensors",
+            "{}: choose the format by extension: .pth, .safetensors or .onnx",
             path.display()
         ),
     }

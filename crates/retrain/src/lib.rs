@@ -7,13 +7,14 @@
 //! `named_modules()` view, [`preprocess`] decodes and transforms images, [`output`] writes
 //! files atomically, [`data`] reads image folders and augments, [`freeze`] resolves and
 //! audits freezing, [`job`] is how a caller watches and stops a long job, [`train`] runs training, [`compare`] trains several regimes and
-//! [`report`] draws them, [`evaluate`] scores a run, [`predict`] classifies images, [`hub`] finds weights by name, [`export`] writes PyTorch files and
-//! [`synth`] draws procedural datasets.
+//! [`report`] draws them, [`evaluate`] scores a run, [`predict`] classifies images, [`hub`] finds weights by name, [`export`] writes PyTorch files, [`onnx`] ONNX files
+//! (messages from [`onnx_format`], the `retrain-onnx` crate), and [`synth`] draws procedural datasets.
 
 #![warn(missing_docs)]
 
 pub use retrain_checkpoint as checkpoint;
 pub use retrain_kernels as kernels;
+pub use retrain_onnx as onnx_format;
 
 pub use error::{Error, Result};
 
@@ -28,6 +29,7 @@ pub mod job;
 pub mod load;
 pub mod models;
 pub mod modules;
+pub mod onnx;
 pub mod output;
 pub mod predict;
 pub mod preprocess;

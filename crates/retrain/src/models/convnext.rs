@@ -12,10 +12,12 @@ use serde::{Deserialize, Serialize};
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
 use super::layers::{
     ConvSpec, Flatten, Layer, Permute, StochasticDepth, classifier_head, global_avg_pool, head,
-    layer_norm, linear, reset_classifier_head, sequential,
+    layer_norm, linear, reset_classifier_head, sequential, sequential_onnx,
 };
+use super::onnx_graph::{Graph, Value, child};
 use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
+use crate::error::Result;
 
 /// Every LayerNorm's eps.
 const EPS: f64 = 1e-6;
@@ -82,6 +84,13 @@ impl CNBlock {
         let scale = self.layer_scale.val().reshape([1, dim, 1, 1]);
         let y = sequential(&self.block, x.clone()) * scale;
         self.stochastic_depth.forward(y) + x
+    }
+
+    /// The block in an ONNX graph (stochastic depth is the identity in eval).
+    fn onnx(&self, g: &mut Graph, scope: &str, x: &Value) -> Result<Value> {
+        let y = sequential_onnx(&self.block, g, &child(scope, "block"), x)?;
+        let y = g.scale(scope, "layer_scale", self.layer_scale.val(), &y)?;
+        Ok(g.add(scope, &y, x))
     }
 }
 
@@ -314,4 +323,22 @@ impl Family for ConvNeXt {
 
     /// No BatchNorm to fold.
     fn fold_batchnorm(&mut self) {}
+
+    fn onnx(&self, g: &mut Graph, x: &Value) -> Result<Value> {
+        let mut x = x.clone();
+        for (i, f) in self.features.iter().enumerate() {
+            let scope = format!("features.{i}");
+            x = match f {
+                Feature::Layer(layer) => layer.onnx(g, &scope, &x)?,
+                Feature::Sequential(blocks) => {
+                    for (j, block) in blocks.iter().enumerate() {
+                        x = block.onnx(g, &child(&scope, j), &x)?;
+                    }
+                    x
+                }
+            };
+        }
+        let pooled = g.global_avg_pool("avgpool", &x);
+        sequential_onnx(&self.classifier, g, "classifier", &pooled)
+    }
 }

@@ -12,10 +12,12 @@ use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
 use super::layers::{
     Activation, ConvSpec, Layer, Norm, SqueezeExcitation, StochasticDepth, classifier_head,
     conv_bn_act, dropout, fold_sequential, head, make_divisible, reset_classifier_head, sequential,
-    silu,
+    sequential_onnx, silu,
 };
+use super::onnx_graph::{Graph, Value, child};
 use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
+use crate::error::Result;
 use crate::preprocess::{Interpolation, Preprocess};
 
 /// Which of torchvision's stage tables a network is built from.
@@ -173,6 +175,16 @@ impl Residual {
         } else {
             y
         }
+    }
+
+    /// The block in an ONNX graph (stochastic depth is the identity in eval).
+    fn onnx(&self, g: &mut Graph, scope: &str, x: &Value) -> Result<Value> {
+        let y = sequential_onnx(&self.block, g, &child(scope, "block"), x)?;
+        Ok(if self.use_res_connect {
+            g.add(scope, &y, x)
+        } else {
+            y
+        })
     }
 }
 
@@ -594,5 +606,23 @@ impl Family for EfficientNet {
                     .for_each(|b| fold_sequential(&mut b.residual_mut().block)),
             }
         }
+    }
+
+    fn onnx(&self, g: &mut Graph, x: &Value) -> Result<Value> {
+        let mut x = x.clone();
+        for (i, f) in self.features.iter().enumerate() {
+            let scope = format!("features.{i}");
+            x = match f {
+                Feature::Conv2dNormActivation(layers) => sequential_onnx(layers, g, &scope, &x)?,
+                Feature::Sequential(blocks) => {
+                    for (j, block) in blocks.iter().enumerate() {
+                        x = block.residual().onnx(g, &child(&scope, j), &x)?;
+                    }
+                    x
+                }
+            };
+        }
+        let pooled = g.global_avg_pool("avgpool", &x);
+        sequential_onnx(&self.classifier, g, "classifier", &pooled)
     }
 }

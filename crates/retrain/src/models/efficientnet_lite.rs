@@ -22,8 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
 use super::layers::{ConvSpec, dropout, head};
+use super::onnx_graph::{Graph, Value, child};
 use super::weights::Weights;
 use crate::checkpoint::StateDict;
+use crate::error::Result;
 use crate::preprocess::{Interpolation, Preprocess};
 
 const BN_EPS: f64 = 1e-3;
@@ -137,6 +139,35 @@ impl MbConv {
         x = self._bn2.forward(conv2d(&self._project_conv, x));
         if self.skip { x + input } else { x }
     }
+
+    fn onnx(&self, g: &mut Graph, scope: &str, input: &Value) -> Result<Value> {
+        let mut x = input.clone();
+        if let (Some(conv), Some(bn)) = (&self._expand_conv, &self._bn0) {
+            x = conv_bn_relu6_onnx(g, scope, ("_expand_conv", conv), ("_bn0", bn), &x)?;
+        }
+        let depthwise = ("_depthwise_conv", &self._depthwise_conv);
+        x = conv_bn_relu6_onnx(g, scope, depthwise, ("_bn1", &self._bn1), &x)?;
+        x = g.conv2d(&child(scope, "_project_conv"), &self._project_conv, &x)?;
+        x = g.batch_norm(&child(scope, "_bn2"), &self._bn2, &x)?;
+        Ok(if self.skip {
+            g.add(scope, &x, input)
+        } else {
+            x
+        })
+    }
+}
+
+/// `relu6(bn(conv(x)))` in an ONNX graph, the modules given with their field names.
+fn conv_bn_relu6_onnx(
+    g: &mut Graph,
+    scope: &str,
+    (conv_name, conv): (&str, &Conv2d),
+    (bn_name, bn): (&str, &BatchNorm),
+    x: &Value,
+) -> Result<Value> {
+    let y = g.conv2d(&child(scope, conv_name), conv, x)?;
+    let y = g.batch_norm(&child(scope, bn_name), bn, &y)?;
+    Ok(g.relu6(scope, &y))
 }
 
 /// The whole network, named as `efficientnet-lite-pytorch`'s `EfficientNet`.
@@ -253,6 +284,28 @@ impl Family for EfficientNetLite {
             b._bn2.fold_into(&mut b._project_conv);
         }
         self._bn1.fold_into(&mut self._conv_head);
+    }
+
+    fn onnx(&self, g: &mut Graph, x: &Value) -> Result<Value> {
+        let mut x = conv_bn_relu6_onnx(
+            g,
+            "",
+            ("_conv_stem", &self._conv_stem),
+            ("_bn0", &self._bn0),
+            x,
+        )?;
+        for (i, block) in self._blocks.iter().enumerate() {
+            x = block.onnx(g, &format!("_blocks.{i}"), &x)?;
+        }
+        let x = conv_bn_relu6_onnx(
+            g,
+            "",
+            ("_conv_head", &self._conv_head),
+            ("_bn1", &self._bn1),
+            &x,
+        )?;
+        let pooled = g.global_avg_pool("", &x);
+        g.linear("_fc", &self._fc, &pooled)
     }
 }
 

@@ -11,8 +11,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::layers::global_avg_pool;
+use super::onnx_graph::{Graph, Value};
 use super::weights::Weights;
 use crate::checkpoint::StateDict;
+use crate::error::Result;
 
 /// One family of networks, implemented by the network type itself (a burn module whose
 /// parameter paths are PyTorch's state-dict keys). Register it with one line in
@@ -91,6 +93,10 @@ pub trait Family: Module + Debug + Sized {
     /// Fold BatchNorm into the preceding convolutions, for inference only (the BatchNorm
     /// layers become identities).
     fn fold_batchnorm(&mut self);
+
+    /// Write the eval-mode network into an ONNX graph, as its forward pass computes it:
+    /// the logits of `x`. Module names are burn paths (as for [`Self::torch_name`]).
+    fn onnx(&self, g: &mut Graph, x: &Value) -> Result<Value>;
 }
 
 /// One architecture of a family, as torchvision names it.

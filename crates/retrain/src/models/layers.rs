@@ -11,12 +11,13 @@ use burn::nn::activation::{HardSigmoid, HardSigmoidConfig, HardSwish, Relu6, SiL
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::MaxPool2d;
 use burn::nn::{
-    Dropout, DropoutConfig, Gelu, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
-    PaddingConfig2d, Relu,
+    Dropout, DropoutConfig, Gelu, Initializer, Linear, LinearConfig, PaddingConfig2d, Relu,
 };
 use burn::tensor::Distribution;
 
 use super::batch_norm::BatchNorm;
+use super::onnx_graph::{Graph, Value, child};
+use crate::error::Result;
 use crate::kernels;
 use burn::prelude::*;
 
@@ -87,6 +88,46 @@ impl Layer {
             other => panic!("{other:?} takes a 4-D input"),
         }
     }
+
+    /// Write the layer into an ONNX graph, as [`Self::forward`] (or, on a 2-D value,
+    /// [`Self::forward_2d`]) computes it in eval mode.
+    pub fn onnx(&self, g: &mut Graph, scope: &str, x: &Value) -> Result<Value> {
+        Ok(match self {
+            Layer::Conv2d(m) => g.conv2d(scope, m, x)?,
+            Layer::BatchNorm2d(m) => g.batch_norm(scope, m, x)?,
+            Layer::ReLU(_) => g.unary("Relu", scope, x),
+            Layer::ReLU6(_) => g.relu6(scope, x),
+            Layer::Hardswish(_) => g.unary("HardSwish", scope, x),
+            Layer::SiLU(_) => g.silu(scope, x),
+            // Every GELU here is the exact one (`Gelu::new()`), as torchvision's.
+            Layer::GELU(_) => g.gelu(scope, x),
+            Layer::LayerNorm(m) => g.layer_norm(scope, m, x)?,
+            Layer::LayerNorm2d(m) if x.rank() == 4 => {
+                let nhwc = g.transpose(scope, [0, 2, 3, 1], x);
+                let y = g.layer_norm(scope, m, &nhwc)?;
+                g.transpose(scope, [0, 3, 1, 2], &y)
+            }
+            Layer::LayerNorm2d(m) => g.layer_norm(scope, m, x)?,
+            Layer::Permute(p) => g.transpose(scope, p.dims, x),
+            Layer::Flatten(_) => g.flatten(scope, x),
+            Layer::Linear(m) => g.linear(scope, m, x)?,
+            Layer::MaxPool2d(m) => g.max_pool2d(scope, m, x)?,
+            Layer::Dropout(_) => x.clone(),
+            Layer::Sequential(layers) | Layer::Conv2dNormActivation(layers) => {
+                sequential_onnx(layers, g, scope, x)?
+            }
+            Layer::SqueezeExcitation(m) => m.onnx(g, scope, x)?,
+        })
+    }
+}
+
+/// Write `layers` into an ONNX graph in order; children are numbered as in PyTorch.
+pub fn sequential_onnx(layers: &[Layer], g: &mut Graph, scope: &str, x: &Value) -> Result<Value> {
+    let mut x = x.clone();
+    for (i, layer) in layers.iter().enumerate() {
+        x = layer.onnx(g, &child(scope, i), &x)?;
+    }
+    Ok(x)
 }
 
 /// Fold every `Conv2d` directly followed by a `BatchNorm2d` (nested sequences included).
@@ -297,12 +338,33 @@ pub struct Permute {
 #[derive(Module, Debug)]
 pub struct Flatten;
 
-/// `nn.LayerNorm` over the last dimension with this `eps` (ConvNeXt's `LayerNorm2d` is the
-/// same module applied over channels).
+/// `nn.LayerNorm` over the last dimension (ConvNeXt's `LayerNorm2d` is the same module
+/// applied over channels). burn's `LayerNorm` keeps `epsilon` private, which an export
+/// needs; this one has the same type name and fields, so burn-store maps it the same way.
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    /// Scale per feature (PyTorch's `weight`).
+    pub gamma: Param<Tensor<1>>,
+    /// Shift per feature (PyTorch's `bias`).
+    pub beta: Param<Tensor<1>>,
+    /// Added to the variance (PyTorch's `eps`).
+    pub epsilon: f64,
+}
+
+impl LayerNorm {
+    /// Normalise over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        burn::tensor::module::layer_norm(x, self.gamma.val(), Some(self.beta.val()), self.epsilon)
+    }
+}
+
+/// A LayerNorm over `features` with this `eps`, initialised as PyTorch's (scale 1, shift 0).
 pub fn layer_norm(features: usize, eps: f64, device: &Device) -> LayerNorm {
-    LayerNormConfig::new(features)
-        .with_epsilon(eps)
-        .init(device)
+    LayerNorm {
+        gamma: Initializer::Ones.init([features], device),
+        beta: Initializer::Zeros.init([features], device),
+        epsilon: eps,
+    }
 }
 
 /// A Linear initialised with normal(0, `std`) weights and zero bias.
@@ -340,6 +402,15 @@ impl Activation {
             Activation::SiLU(_) => kernels::silu(x),
             Activation::Sigmoid(m) => m.forward(x),
             Activation::Hardsigmoid(m) => m.forward(x),
+        }
+    }
+
+    fn onnx(&self, g: &mut Graph, scope: &str, x: &Value) -> Value {
+        match self {
+            Activation::ReLU(_) => g.unary("Relu", scope, x),
+            Activation::SiLU(_) => g.silu(scope, x),
+            Activation::Sigmoid(_) => g.unary("Sigmoid", scope, x),
+            Activation::Hardsigmoid(m) => g.hard_sigmoid(scope, m.alpha, m.beta, x),
         }
     }
 
@@ -398,6 +469,18 @@ impl SqueezeExcitation {
             .scale_activation
             .forward(kernels::conv2d(&self.fc2, scale));
         x * scale
+    }
+
+    /// The block in an ONNX graph.
+    pub fn onnx(&self, g: &mut Graph, scope: &str, x: &Value) -> Result<Value> {
+        let scale = g.spatial_mean(scope, x);
+        let scale = g.conv2d(&child(scope, "fc1"), &self.fc1, &scale)?;
+        let scale = self.activation.onnx(g, &child(scope, "activation"), &scale);
+        let scale = g.conv2d(&child(scope, "fc2"), &self.fc2, &scale)?;
+        let scale = self
+            .scale_activation
+            .onnx(g, &child(scope, "scale_activation"), &scale);
+        Ok(g.mul(scope, x, &scale))
     }
 }
 

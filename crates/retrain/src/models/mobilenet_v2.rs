@@ -11,9 +11,11 @@ use super::layers::{
     ConvSpec, Layer, Norm, classifier_head, conv_bn_act, dropout, head, make_divisible, relu6,
     reset_classifier_head,
 };
-use super::layers::{fold_sequential, sequential};
+use super::layers::{fold_sequential, sequential, sequential_onnx};
+use super::onnx_graph::{Graph, Value, child};
 use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
+use crate::error::Result;
 
 /// (expansion t, output channels c, repeats n, first stride s), torchvision's table.
 const SETTINGS: [(usize, usize, usize, usize); 7] = [
@@ -95,6 +97,15 @@ impl InvertedResidual {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let y = sequential(&self.conv, x.clone());
         if self.use_res_connect { x + y } else { y }
+    }
+
+    fn onnx(&self, g: &mut Graph, scope: &str, x: &Value) -> Result<Value> {
+        let y = sequential_onnx(&self.conv, g, &child(scope, "conv"), x)?;
+        Ok(if self.use_res_connect {
+            g.add(scope, x, &y)
+        } else {
+            y
+        })
     }
 }
 
@@ -252,6 +263,19 @@ impl Family for MobileNetV2 {
                 Feature::InvertedResidual(block) => fold_sequential(&mut block.conv),
             }
         }
+    }
+
+    fn onnx(&self, g: &mut Graph, x: &Value) -> Result<Value> {
+        let mut x = x.clone();
+        for (i, f) in self.features.iter().enumerate() {
+            let scope = format!("features.{i}");
+            x = match f {
+                Feature::Conv2dNormActivation(layers) => sequential_onnx(layers, g, &scope, &x)?,
+                Feature::InvertedResidual(block) => block.onnx(g, &scope, &x)?,
+            };
+        }
+        let pooled = g.global_avg_pool("", &x);
+        sequential_onnx(&self.classifier, g, "classifier", &pooled)
     }
 }
 

@@ -11,10 +11,12 @@ use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
 use super::layers::{
     Activation, ConvSpec, Layer, Norm, SqueezeExcitation, classifier_head, conv_bn_act, dropout,
     fold_sequential, global_avg_pool, hardswish, head, make_divisible, relu, reset_classifier_head,
-    sequential,
+    sequential, sequential_onnx,
 };
+use super::onnx_graph::{Graph, Value, child};
 use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
+use crate::error::Result;
 
 /// The two sizes of the paper's Tables 1 and 2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +181,15 @@ impl InvertedResidual {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let y = sequential(&self.block, x.clone());
         if self.use_res_connect { y + x } else { y }
+    }
+
+    fn onnx(&self, g: &mut Graph, scope: &str, x: &Value) -> Result<Value> {
+        let y = sequential_onnx(&self.block, g, &child(scope, "block"), x)?;
+        Ok(if self.use_res_connect {
+            g.add(scope, &y, x)
+        } else {
+            y
+        })
     }
 }
 
@@ -370,5 +381,18 @@ impl Family for MobileNetV3 {
                 Feature::InvertedResidual(block) => fold_sequential(&mut block.block),
             }
         }
+    }
+
+    fn onnx(&self, g: &mut Graph, x: &Value) -> Result<Value> {
+        let mut x = x.clone();
+        for (i, f) in self.features.iter().enumerate() {
+            let scope = format!("features.{i}");
+            x = match f {
+                Feature::Conv2dNormActivation(layers) => sequential_onnx(layers, g, &scope, &x)?,
+                Feature::InvertedResidual(block) => block.onnx(g, &scope, &x)?,
+            };
+        }
+        let pooled = g.global_avg_pool("avgpool", &x);
+        sequential_onnx(&self.classifier, g, "classifier", &pooled)
     }
 }

@@ -10,6 +10,7 @@ pub mod family;
 pub mod layers;
 pub mod mobilenet_v2;
 pub mod mobilenet_v3;
+pub mod onnx_graph;
 pub mod regnet;
 pub mod resnet;
 pub mod weights;
@@ -26,6 +27,7 @@ pub use family::{Architecture, Detected, Family, FreezeGroup};
 use crate::checkpoint::StateDict;
 use crate::error::Result;
 use crate::preprocess::Preprocess;
+use onnx_graph::{Graph, Value};
 use weights::Weights;
 
 /// Generates, from one line per family, the [`Model`] enum of networks, the [`Variant`]
@@ -196,6 +198,14 @@ macro_rules! registry {
             fn fold_batchnorm(&mut self) {
                 match self {
                     $(Model::$name(m) => m.fold_batchnorm(),)+
+                }
+            }
+
+            /// The eval-mode network in an ONNX graph: the logits of `x` (see
+            /// [`Family::onnx`]; [`crate::onnx::export_onnx`] folds BatchNorm first).
+            pub fn onnx(&self, g: &mut Graph, x: &Value) -> Result<Value> {
+                match self {
+                    $(Model::$name(m) => m.onnx(g, x),)+
                 }
             }
         }

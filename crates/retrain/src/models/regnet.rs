@@ -17,10 +17,12 @@ use serde::{Deserialize, Serialize};
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
 use super::layers::{
     Activation, ConvSpec, Layer, Norm, SqueezeExcitation, conv_bn_act, fold_sequential, head,
-    relu as relu_layer, sequential,
+    relu as relu_layer, sequential, sequential_onnx,
 };
+use super::onnx_graph::{Graph, Value, child};
 use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
+use crate::error::Result;
 use crate::preprocess::{Interpolation, Preprocess};
 
 /// A RegNet's stages, as torchvision's `BlockParams` resolves them.
@@ -114,6 +116,22 @@ impl ResBottleneckBlock {
             None => x,
         };
         relu(shortcut + y)
+    }
+
+    fn onnx(&self, g: &mut Graph, scope: &str, x: &Value) -> Result<Value> {
+        let (f, fs) = (&self.f, child(scope, "f"));
+        let y = f.a.onnx(g, &child(&fs, "a"), x)?;
+        let mut y = f.b.onnx(g, &child(&fs, "b"), &y)?;
+        if let Some(se) = &f.se {
+            y = se.onnx(g, &child(&fs, "se"), &y)?;
+        }
+        let y = f.c.onnx(g, &child(&fs, "c"), &y)?;
+        let shortcut = match &self.proj {
+            Some(proj) => proj.onnx(g, &child(scope, "proj"), x)?,
+            None => x.clone(),
+        };
+        let sum = g.add(scope, &shortcut, &y);
+        Ok(g.unary("Relu", &child(scope, "activation"), &sum))
     }
 
     fn fold_batchnorm(&mut self) {
@@ -680,5 +698,17 @@ impl Family for RegNet {
                 .iter_mut()
                 .for_each(ResBottleneckBlock::fold_batchnorm);
         }
+    }
+
+    fn onnx(&self, g: &mut Graph, x: &Value) -> Result<Value> {
+        let Stem::SimpleStemIN(stem) = &self.stem;
+        let mut x = sequential_onnx(stem, g, "stem", x)?;
+        for (s, stage) in self.stages().into_iter().enumerate() {
+            for (i, block) in stage.blocks().iter().enumerate() {
+                x = block.onnx(g, &format!("trunk_output.block{}.{i}", s + 1), &x)?;
+            }
+        }
+        let pooled = g.global_avg_pool("avgpool", &x);
+        g.linear("fc", &self.fc, &pooled)
     }
 }

@@ -15,9 +15,11 @@ use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
 
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
-use super::layers::{ConvSpec, Layer, fold_sequential, head, sequential};
+use super::layers::{ConvSpec, Layer, fold_sequential, head, sequential, sequential_onnx};
+use super::onnx_graph::{Graph, Value, child};
 use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
+use crate::error::Result;
 
 /// torchvision's two residual blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +253,31 @@ fn shortcut(downsample: &Option<Vec<Layer>>, x: Tensor<4>) -> Tensor<4> {
     }
 }
 
+/// [`shortcut`] in an ONNX graph.
+fn shortcut_onnx(
+    downsample: &Option<Vec<Layer>>,
+    g: &mut Graph,
+    scope: &str,
+    x: &Value,
+) -> Result<Value> {
+    match downsample {
+        Some(layers) => sequential_onnx(layers, g, &child(scope, "downsample"), x),
+        None => Ok(x.clone()),
+    }
+}
+
+/// `conv -> bn` of a block, by field names, in an ONNX graph.
+fn conv_bn_onnx(
+    g: &mut Graph,
+    scope: &str,
+    (conv, bn): (&Conv2d, &BatchNorm),
+    index: usize,
+    x: &Value,
+) -> Result<Value> {
+    let y = g.conv2d(&child(scope, format!("conv{index}")), conv, x)?;
+    g.batch_norm(&child(scope, format!("bn{index}")), bn, &y)
+}
+
 /// torchvision's `BasicBlock` (ResNet-18/34): two 3x3 convs and the shortcut.
 #[derive(Module, Debug)]
 pub struct BasicBlock {
@@ -277,6 +304,16 @@ impl BasicBlock {
         let y = relu(self.bn1.forward(conv2d(&self.conv1, x)));
         let y = self.bn2.forward(conv2d(&self.conv2, y));
         relu(y + identity)
+    }
+
+    fn onnx(&self, g: &mut Graph, scope: &str, x: &Value) -> Result<Value> {
+        let identity = shortcut_onnx(&self.downsample, g, scope, x)?;
+        let relu = child(scope, "relu");
+        let y = conv_bn_onnx(g, scope, (&self.conv1, &self.bn1), 1, x)?;
+        let y = g.unary("Relu", &relu, &y);
+        let y = conv_bn_onnx(g, scope, (&self.conv2, &self.bn2), 2, &y)?;
+        let y = g.add(scope, &y, &identity);
+        Ok(g.unary("Relu", &relu, &y))
     }
 }
 
@@ -317,6 +354,18 @@ impl Bottleneck {
         let y = self.bn3.forward(conv2d(&self.conv3, y));
         relu(y + identity)
     }
+
+    fn onnx(&self, g: &mut Graph, scope: &str, x: &Value) -> Result<Value> {
+        let identity = shortcut_onnx(&self.downsample, g, scope, x)?;
+        let relu = child(scope, "relu");
+        let y = conv_bn_onnx(g, scope, (&self.conv1, &self.bn1), 1, x)?;
+        let y = g.unary("Relu", &relu, &y);
+        let y = conv_bn_onnx(g, scope, (&self.conv2, &self.bn2), 2, &y)?;
+        let y = g.unary("Relu", &relu, &y);
+        let y = conv_bn_onnx(g, scope, (&self.conv3, &self.bn3), 3, &y)?;
+        let y = g.add(scope, &y, &identity);
+        Ok(g.unary("Relu", &relu, &y))
+    }
 }
 
 /// A residual block; variants named after torchvision's classes.
@@ -343,6 +392,13 @@ impl Block {
         match self {
             Block::BasicBlock(b) => b.forward(x),
             Block::Bottleneck(b) => b.forward(x),
+        }
+    }
+
+    fn onnx(&self, g: &mut Graph, scope: &str, x: &Value) -> Result<Value> {
+        match self {
+            Block::BasicBlock(b) => b.onnx(g, scope, x),
+            Block::Bottleneck(b) => b.onnx(g, scope, x),
         }
     }
 }
@@ -593,5 +649,19 @@ impl Family for ResNet {
                 }
             }
         }
+    }
+
+    fn onnx(&self, g: &mut Graph, x: &Value) -> Result<Value> {
+        let x = g.conv2d("conv1", &self.conv1, x)?;
+        let x = g.batch_norm("bn1", &self.bn1, &x)?;
+        let x = g.unary("Relu", "relu", &x);
+        let mut x = self.maxpool.onnx(g, "maxpool", &x)?;
+        for (stage, blocks) in self.stages().into_iter().enumerate() {
+            for (i, block) in blocks.iter().enumerate() {
+                x = block.onnx(g, &format!("layer{}.{i}", stage + 1), &x)?;
+            }
+        }
+        let pooled = g.global_avg_pool("avgpool", &x);
+        g.linear("fc", &self.fc, &pooled)
     }
 }
