@@ -186,6 +186,9 @@ struct ExportArgs {
     /// ONNX only: also output `probabilities`, the softmax of the logits.
     #[arg(long)]
     with_softmax: bool,
+    /// ONNX only: the weights in `OUT.data` beside the file (always past 2 GiB).
+    #[arg(long)]
+    external_data: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -521,15 +524,16 @@ fn export_command(args: &ExportArgs, job: &Job) -> anyhow::Result<()> {
     };
     let deployment = Deployment {
         with_softmax: args.with_softmax,
+        external_data: args.external_data,
         ..deployment
     };
     let out = &args.out;
     let is_onnx = out.extension().is_some_and(|e| e == "onnx");
     if is_onnx {
         export_onnx(&model, &deployment, out)?;
-    } else if args.with_softmax {
+    } else if args.with_softmax || args.external_data {
         return Err(usage_error(
-            "--with-softmax applies to an .onnx --out only".into(),
+            "--with-softmax and --external-data apply to an .onnx --out only".into(),
         ));
     } else {
         export(&model, out)?;

@@ -215,3 +215,33 @@ fn with_softmax_adds_probabilities_and_only_to_onnx() {
     ]);
     assert!(stderr.contains("--with-softmax"), "{stderr}");
 }
+
+/// `--external-data` puts the weights in `FILE.data` beside a small graph file; tract
+/// reads the pair to the same logits as the single file.
+#[test]
+fn external_data_holds_the_weights_beside_the_graph() {
+    let dir = tempdir();
+    let weights = fixture("resnet18_w16.pth");
+    let inline = dir.path().join("inline.onnx");
+    let external = dir.path().join("external.onnx");
+    for (out, extra) in [(&inline, None), (&external, Some("--external-data"))] {
+        let mut args = vec![
+            "export".as_ref(),
+            "--weights".as_ref(),
+            weights.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ];
+        args.extend(extra.map(std::ffi::OsStr::new));
+        retrain_ok(args);
+    }
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    let data = dir.path().join("external.onnx.data");
+    assert!(size(&external) < 64 << 10, "{} bytes", size(&external));
+    assert!(size(&data) >= size(&inline) - size(&external));
+    let (shape, input) = &read_safetensors(&fixture("resnet18_w16_io.safetensors"))["input"];
+    assert_eq!(
+        run_tract(&external, shape, input),
+        run_tract(&inline, shape, input)
+    );
+}

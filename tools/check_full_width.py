@@ -9,9 +9,13 @@ float32 ResNet-152 is about 5e-4 away from its float64 result), so each row also
 float32 results' distance from PyTorch in float64: retrain is at parity when its error is of
 the order of PyTorch's own.
 
+With `--onnx`, each network is instead exported with `retrain export` and run by ONNX
+Runtime (needs `onnxruntime` in the venv); the rows give ONNX Runtime's logits against
+PyTorch's and against `retrain forward`'s (models past 2 GiB go through external data).
+
 Dev-only (torch + torchvision venv, as for make_fixtures.py), after `cargo build --release`:
 
-    python tools/check_full_width.py [ARCH ...]
+    python tools/check_full_width.py [--onnx] [ARCH ...]
 """
 
 import subprocess
@@ -41,7 +45,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / max(1.0, b.abs().max().item())).item()
 
 
-def check(arch: str, tmp: Path) -> dict:
+def run_pytorch(arch: str, tmp: Path):
+    """A calibrated random network, its checkpoint, and PyTorch's float32 outputs."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch)
     calibrate(model, 224, seed=0)
@@ -53,7 +58,29 @@ def check(arch: str, tmp: Path) -> dict:
     save_file(want, io)
     subprocess.run([RETRAIN, "forward", "--weights", ckpt, "--input", io, "--output", out],
                    check=True, capture_output=True)
-    got = load_file(out)
+    return model, ckpt, x, want, load_file(out)
+
+
+def check_onnx(arch: str, tmp: Path) -> tuple:
+    import onnxruntime as ort
+
+    _, ckpt, x, want, ours = run_pytorch(arch, tmp)
+    onnx_path = tmp / f"{arch}.onnx"
+    subprocess.run([RETRAIN, "export", "--weights", ckpt, "--out", onnx_path],
+                   check=True, capture_output=True)
+    ckpt.unlink()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"input": x.numpy()})
+    for f in tmp.glob(f"{arch}.onnx*"):
+        f.unlink()
+    logits = torch.from_numpy(logits)
+    return rel(logits, want["logits"]), rel(logits, ours["logits"])
+
+
+def check(arch: str, tmp: Path) -> dict:
+    model, ckpt, x, want, got = run_pytorch(arch, tmp)
     ckpt.unlink()
     model = model.double()
     with torch.no_grad():
@@ -63,7 +90,16 @@ def check(arch: str, tmp: Path) -> dict:
 
 
 def main():
-    archs = sys.argv[1:] or TORCHVISION_ARCHS
+    args = sys.argv[1:]
+    onnx = "--onnx" in args
+    archs = [a for a in args if a != "--onnx"] or TORCHVISION_ARCHS
+    if onnx:
+        print(f"{'architecture':<20} {'ORT vs PyTorch':>15} {'ORT vs retrain':>15}")
+        with tempfile.TemporaryDirectory() as tmp:
+            for arch in archs:
+                vs_torch, vs_ours = check_onnx(arch, Path(tmp))
+                print(f"{arch:<20} {vs_torch:>15.2e} {vs_ours:>15.2e}", flush=True)
+        return
     print(f"{'':<20} {'retrain vs PyTorch f32':^23} {'retrain vs f64':^23} {'PyTorch f32 vs f64':^23}")
     print(f"{'architecture':<20}" + " {:>11} {:>11}".format("logits", "embedding") * 3)
     with tempfile.TemporaryDirectory() as tmp:

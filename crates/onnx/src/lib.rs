@@ -18,12 +18,12 @@ use serde::Serialize;
 #[rustfmt::skip]
 pub mod proto;
 
-use proto::tensor_proto::DataType;
+use proto::tensor_proto::{DataLocation, DataType};
 use proto::tensor_shape_proto::{Dimension, dimension};
 use proto::type_proto::{self, Tensor as TensorType};
 use proto::{
-    AttributeProto, ModelProto, NodeProto, TensorProto, TensorShapeProto, TypeProto,
-    ValueInfoProto, attribute_proto::AttributeType,
+    AttributeProto, ModelProto, NodeProto, StringStringEntryProto, TensorProto, TensorShapeProto,
+    TypeProto, ValueInfoProto, attribute_proto::AttributeType,
 };
 
 /// The IR version written: 8, the one of opset 17 (ONNX 1.12).
@@ -80,6 +80,38 @@ pub fn read(path: &Path) -> Result<ModelProto, OnnxError> {
 /// The model's protobuf bytes.
 pub fn encode(model: &ModelProto) -> Vec<u8> {
     model.encode_to_vec()
+}
+
+/// Move the initializers' bytes out of the model into one blob, for a file `location` beside
+/// the model (ONNX's external data, how models past 2 GiB are stored). Each tensor starts
+/// at a multiple of 4096 bytes, so runtimes can map it in place; tensors smaller than that
+/// stay inline.
+pub fn move_to_external_data(model: &mut ModelProto, location: &str) -> Vec<u8> {
+    const ALIGN: usize = 4096;
+    let mut blob = Vec::new();
+    let initializers = model
+        .graph
+        .iter_mut()
+        .flat_map(|g| g.initializer.iter_mut());
+    for tensor in initializers {
+        if tensor.raw_data.as_ref().is_none_or(|b| b.len() < ALIGN) {
+            continue;
+        }
+        let bytes = tensor.raw_data.take().unwrap_or_default();
+        blob.resize(blob.len().next_multiple_of(ALIGN), 0);
+        let entry = |key: &str, value: String| StringStringEntryProto {
+            key: Some(key.into()),
+            value: Some(value),
+        };
+        tensor.external_data = vec![
+            entry("location", location.into()),
+            entry("offset", blob.len().to_string()),
+            entry("length", bytes.len().to_string()),
+        ];
+        tensor.data_location = Some(DataLocation::External as i32);
+        blob.extend_from_slice(&bytes);
+    }
+    blob
 }
 
 /// An integer attribute.

@@ -15,7 +15,9 @@ use crate::models::{Model, ModelSpec, PretrainedConfig, describe};
 use crate::onnx_format::proto::{
     GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto,
 };
-use crate::onnx_format::{Dim, IR_VERSION, MAX_MODEL_BYTES, OPSET, value_info_f32};
+use crate::onnx_format::{
+    Dim, IR_VERSION, MAX_MODEL_BYTES, OPSET, encode, move_to_external_data, value_info_f32,
+};
 use crate::output::write_atomic;
 use crate::preprocess::Preprocess;
 use crate::train::RunConfig;
@@ -33,6 +35,9 @@ pub struct Deployment {
     pub source: String,
     /// Also output `probabilities` (softmax of the logits).
     pub with_softmax: bool,
+    /// Write the weights to `FILE.data` beside the file (ONNX's external data); done
+    /// anyway for models past protobuf's 2 GiB.
+    pub external_data: bool,
 }
 
 impl Deployment {
@@ -44,6 +49,7 @@ impl Deployment {
             classes: Some(config.classes.clone()),
             source: run.display().to_string(),
             with_softmax: false,
+            external_data: false,
         }
     }
 
@@ -55,6 +61,7 @@ impl Deployment {
             classes: config.class_names,
             source,
             with_softmax: false,
+            external_data: false,
         }
     }
 
@@ -136,15 +143,26 @@ pub fn onnx_model(model: &Model, deployment: &Deployment) -> Result<ModelProto> 
     })
 }
 
-/// Write the model to `path` as ONNX (temporary file, then rename).
+/// Weights past this size go to external data: protobuf's limit less room for the graph.
+const EXTERNAL_DATA_ABOVE: u64 = MAX_MODEL_BYTES - (64 << 20);
+
+/// Write the model to `path` as ONNX, and its weights to `path.data` when they are external
+/// (each file written to a temporary file, then renamed; the data first).
 pub fn export_onnx(model: &Model, deployment: &Deployment, path: &Path) -> Result<()> {
-    let bytes = crate::onnx_format::encode(&onnx_model(model, deployment)?);
-    if bytes.len() as u64 > MAX_MODEL_BYTES {
-        bail!(
-            "{}: {} bytes of ONNX, over protobuf's 2 GiB limit for one file (external data is not written yet)",
-            path.display(),
-            bytes.len()
-        );
+    let mut proto = onnx_model(model, deployment)?;
+    let weight_bytes: u64 = proto
+        .graph
+        .iter()
+        .flat_map(|g| &g.initializer)
+        .map(|t| t.raw_data.as_ref().map_or(0, |b| b.len() as u64))
+        .sum();
+    if deployment.external_data || weight_bytes > EXTERNAL_DATA_ABOVE {
+        let Some(name) = path.file_name() else {
+            bail!("{}: not a file name", path.display());
+        };
+        let location = format!("{}.data", name.to_string_lossy());
+        let blob = move_to_external_data(&mut proto, &location);
+        write_atomic(&path.with_file_name(&location), &blob)?;
     }
-    write_atomic(path, &bytes)
+    write_atomic(path, &encode(&proto))
 }
