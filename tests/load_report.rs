@@ -219,6 +219,13 @@ fn module_view_matches_torch_named_modules_regnet() {
     );
 }
 
+/// ViT's blocks are `encoder_layer_N` in PyTorch; attention's projection is a plain
+/// parameter beside `out_proj`, and the class token one on the root module.
+#[test]
+fn module_view_matches_torch_named_modules_vit() {
+    check_module_view("vit_w128.pth", "vit_w128_modules.json");
+}
+
 #[test]
 fn modules_view_previews_a_freeze_spec() {
     let list: serde_json::Value = serde_json::from_str(&retrain_ok([

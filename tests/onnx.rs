@@ -11,7 +11,7 @@ use std::path::Path;
 use tract_onnx::prelude::*;
 
 /// The fixtures of every family (tools/make_fixtures.py), with their inputs.
-const FIXTURES: [(&str, &str); 10] = [
+const FIXTURES: [(&str, &str); 11] = [
     ("mbv2_w025.pth", "mbv2_w025_io.safetensors"),
     ("resnet18_w16.pth", "resnet18_w16_io.safetensors"),
     ("resnet50_w8.pth", "resnet50_w8_io.safetensors"),
@@ -25,6 +25,7 @@ const FIXTURES: [(&str, &str); 10] = [
         "regnet_y_400mf_w025.pth",
         "regnet_y_400mf_w025_io.safetensors",
     ),
+    ("vit_w128.pth", "vit_w128_io.safetensors"),
 ];
 
 /// Run an ONNX file with tract on an NCHW batch; returns the named outputs in order.

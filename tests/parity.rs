@@ -201,3 +201,15 @@ fn efficientnet_lite0_predicts_real_photos_like_pytorch() {
         );
     }
 }
+
+#[test]
+fn vit_matches_pytorch() {
+    check_forward(&fixture("vit_w128.pth"), "vit_w128_io.safetensors", 1e-4);
+}
+
+/// At 48x48 the position embeddings (made for 32x32) are resampled as torchvision's
+/// `interpolate_embeddings` does.
+#[test]
+fn vit_at_another_image_size_matches_pytorch_interpolate_embeddings() {
+    check_forward(&fixture("vit_w128.pth"), "vit_w128_io48.safetensors", 1e-4);
+}

@@ -36,6 +36,7 @@ CASES = [
     ("effnet_v2_s_w0125.pth", "effnet_v2_s_w0125_io.safetensors"),
     ("convnext_tiny_w8.pth", "convnext_tiny_w8_io.safetensors"),
     ("regnet_y_400mf_w025.pth", "regnet_y_400mf_w025_io.safetensors"),
+    ("vit_w128.pth", "vit_w128_io.safetensors"),
 ]
 
 

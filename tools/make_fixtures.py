@@ -153,8 +153,41 @@ def narrow_efficientnet_b0(width: float, num_classes: int):
     return EfficientNet(setting, 0.2, last_channel=last, num_classes=num_classes)
 
 
+def narrow_vit(image_size: int, num_classes: int):
+    """torchvision's ViT code at two blocks of width 128 (two 64-wide heads, as retrain
+    infers them), patches of 8, with a random (not zero) head and class token."""
+    from torchvision.models.vision_transformer import VisionTransformer
+    torch.manual_seed(11)
+    model = VisionTransformer(image_size=image_size, patch_size=8, num_layers=2, num_heads=2,
+                              hidden_dim=128, mlp_dim=256, num_classes=num_classes)
+    with torch.no_grad():
+        model.heads.head.weight.normal_(std=0.2)
+        model.heads.head.bias.normal_(std=0.2)
+        model.class_token.normal_(std=0.5)
+    return model
+
+
+def write_vit_other_size(model: nn.Module, size: int, new_size: int, seed: int):
+    """The fixture ViT at another image size, its position embeddings resampled by
+    torchvision's `interpolate_embeddings`: what retrain must compute on the fly."""
+    from torchvision.models.vision_transformer import interpolate_embeddings
+    resized = narrow_vit(new_size, 10)
+    state = interpolate_embeddings(new_size, 8, dict(model.state_dict()))
+    resized.load_state_dict(state)
+    resized.eval()
+    x = torch.randn(2, 3, new_size, new_size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        logits, emb = resized(x), embed("vit", resized, x)
+    save_file({"input": x, "logits": logits, "embedding": emb},
+              OUT / f"vit_w128_io{new_size}.safetensors")
+
+
 def embed(arch: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The pooled features that enter the head."""
+    if arch == "vit":
+        tokens = model._process_input(x)
+        class_token = model.class_token.expand(tokens.shape[0], -1, -1)
+        return model.encoder(torch.cat([class_token, tokens], dim=1))[:, 0].contiguous()
     if arch in ("mobilenet_v2", "efficientnet"):
         return F.adaptive_avg_pool2d(model.features(x), 1).flatten(1)
     if arch == "convnext":
@@ -282,6 +315,7 @@ TORCHVISION_ARCHS = [
     "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
     *[f"regnet_y_{s}" for s in ("400mf", "800mf", "1_6gf", "3_2gf", "8gf", "16gf", "32gf", "128gf")],
     *[f"regnet_x_{s}" for s in ("400mf", "800mf", "1_6gf", "3_2gf", "8gf", "16gf", "32gf")],
+    "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14",
 ]
 
 
@@ -350,6 +384,10 @@ def main():
     regnet = narrow_regnet_y_400mf(10)
     write_parity("regnet_y_400mf_w025", "regnet", regnet, 64, seed=10, legacy=False)
     write_named_modules("regnet_y_400mf_w025", regnet)
+    vit = narrow_vit(32, 10)
+    write_parity("vit_w128", "vit", vit, 32, seed=12, legacy=False)
+    write_named_modules("vit_w128", vit)
+    write_vit_other_size(vit, 32, 48, seed=13)
     write_reader_edge_cases(mbv2)
     write_imagenet_labels()
     write_torchvision_weights()

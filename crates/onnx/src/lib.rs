@@ -155,6 +155,17 @@ pub fn tensor_f32(name: &str, dims: &[usize], values: &[f32]) -> TensorProto {
     }
 }
 
+/// An int64 tensor (shapes, indices).
+pub fn tensor_i64(name: &str, dims: &[usize], values: &[i64]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: Some(DataType::Int64 as i32),
+        raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
 /// One dimension of a graph input or output.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Dim {

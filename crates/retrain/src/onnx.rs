@@ -4,8 +4,9 @@
 //! weights came from.
 //!
 //! The file is opset 17, IR version 8, with input `input` (`[batch, 3, height, width]`,
-//! f32) and output `logits`; the batch and image sizes are dynamic (`input_size` in the
-//! metadata is the one the weights were trained at).
+//! f32) and output `logits`; the batch size is dynamic, and so is the image size for the
+//! convolutional families (`input_size` in the metadata is the one the weights were trained
+//! at; a ViT's graph holds only for it).
 
 use std::path::Path;
 
@@ -100,7 +101,7 @@ fn json<T: serde::Serialize + ?Sized>(value: &T) -> String {
 /// The eval-mode model as an ONNX model (BatchNorm folded).
 pub fn onnx_model(model: &Model, deployment: &Deployment) -> Result<ModelProto> {
     let model = model.for_inference();
-    let mut g = Graph::new(model.torch_namer());
+    let mut g = Graph::new(model.torch_namer(), deployment.preprocess.input_size);
     let logits = model.onnx(&mut g, &Value::input("input", 4))?;
     let logits = g.output(&logits, "logits");
     let classes = model.head().weight.dims()[1];
@@ -114,12 +115,11 @@ pub fn onnx_model(model: &Model, deployment: &Deployment) -> Result<ModelProto> 
             &[batch(), Dim::Fixed(classes)],
         ));
     }
-    let input_dims = [
-        batch(),
-        Dim::Fixed(3),
-        Dim::Named("height".into()),
-        Dim::Named("width".into()),
-    ];
+    let side = |name: &str| match g.fixed_size() {
+        true => Dim::Fixed(deployment.preprocess.input_size),
+        false => Dim::Named(name.into()),
+    };
+    let input_dims = [batch(), Dim::Fixed(3), side("height"), side("width")];
     let (nodes, initializers) = g.finish();
     let graph = GraphProto {
         name: Some(deployment.architecture.clone()),

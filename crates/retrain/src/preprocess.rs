@@ -47,6 +47,17 @@ impl Preprocess {
             std: [0.229, 0.224, 0.225],
         }
     }
+
+    /// The same recipe for another input size, the resize scaled with it (256 for 224
+    /// becomes 128 for 112).
+    pub fn for_input_size(&self, input_size: usize) -> Preprocess {
+        let resize = self.resize_size as f64 * input_size as f64 / self.input_size as f64;
+        Preprocess {
+            input_size,
+            resize_size: (resize.round() as usize).max(input_size),
+            ..self.clone()
+        }
+    }
 }
 
 /// Pillow's decompression-bomb limit (twice `Image.MAX_IMAGE_PIXELS`): above it Pillow

@@ -50,6 +50,12 @@ pub trait Family: Module + Debug + Sized {
     /// What `compare`'s `partial` regime freezes: a `--freeze` spec of the lower part.
     fn default_partial(variant: &Self::Variant) -> String;
 
+    /// The image size the network is made for, for families whose parameters depend on it
+    /// (a ViT's position embeddings); unregistered weights are prepared for it.
+    fn image_size(_variant: &Self::Variant) -> Option<usize> {
+        None
+    }
+
     /// The width as `--width` takes it, for families that have one.
     fn width(_variant: &Self::Variant) -> Option<f64> {
         None

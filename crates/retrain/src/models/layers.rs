@@ -59,7 +59,7 @@ impl Layer {
             Layer::ReLU6(_) => kernels::relu6(x),
             Layer::Hardswish(m) => m.forward(x),
             Layer::SiLU(_) => kernels::silu(x),
-            Layer::GELU(m) => m.forward(x),
+            Layer::GELU(_) => kernels::gelu(x),
             Layer::LayerNorm(m) => m.forward(x),
             Layer::LayerNorm2d(m) => m.forward(x.permute([0, 2, 3, 1])).permute([0, 3, 1, 2]),
             Layer::Permute(p) => x.permute(p.dims),
@@ -103,12 +103,12 @@ impl Layer {
             Layer::GELU(_) => g.gelu(scope, x),
             Layer::LayerNorm(m) => g.layer_norm(scope, m, x)?,
             Layer::LayerNorm2d(m) if x.rank() == 4 => {
-                let nhwc = g.transpose(scope, [0, 2, 3, 1], x);
+                let nhwc = g.transpose(scope, &[0, 2, 3, 1], x);
                 let y = g.layer_norm(scope, m, &nhwc)?;
-                g.transpose(scope, [0, 3, 1, 2], &y)
+                g.transpose(scope, &[0, 3, 1, 2], &y)
             }
             Layer::LayerNorm2d(m) => g.layer_norm(scope, m, x)?,
-            Layer::Permute(p) => g.transpose(scope, p.dims, x),
+            Layer::Permute(p) => g.transpose(scope, &p.dims, x),
             Layer::Flatten(_) => g.flatten(scope, x),
             Layer::Linear(m) => g.linear(scope, m, x)?,
             Layer::MaxPool2d(m) => g.max_pool2d(scope, m, x)?,

@@ -13,6 +13,7 @@ pub mod mobilenet_v3;
 pub mod onnx_graph;
 pub mod regnet;
 pub mod resnet;
+pub mod vit;
 pub mod weights;
 
 use std::fmt;
@@ -128,6 +129,13 @@ macro_rules! registry {
                 }
             }
 
+            /// The image size the network is made for, where it has one.
+            pub fn image_size(&self) -> Option<usize> {
+                match self {
+                    $(Variant::$name(v) => <$family>::image_size(v),)+
+                }
+            }
+
             /// The width as `--width` takes it.
             pub fn width(&self) -> Option<f64> {
                 match self {
@@ -219,6 +227,7 @@ registry! {
     EfficientNet => efficientnet::EfficientNet,
     ConvNeXt => convnext::ConvNeXt,
     RegNet => regnet::RegNet,
+    VisionTransformer => vit::VisionTransformer,
     EfficientNetLite => efficientnet_lite::EfficientNetLite,
 }
 
@@ -390,9 +399,12 @@ impl ModelSpec {
     /// The configuration of `weights` (or, for weights that are not registered, of the
     /// architecture's first registered weights: torchvision's recipe for its family).
     pub fn pretrained_config(&self, weights: Option<&Weights>) -> PretrainedConfig {
-        let preprocess = weights
+        let mut preprocess = weights
             .or(self.arch.weights().first())
             .map_or(Preprocess::IMAGENET, |w| w.preprocess.clone());
+        if let (None, Some(size)) = (weights, self.family.image_size()) {
+            preprocess = preprocess.for_input_size(size);
+        }
         PretrainedConfig {
             architecture: self.arch,
             weights: weights.map(|w| w.name()),
@@ -465,7 +477,7 @@ mod tests {
             let groups = spec.family.freeze_groups();
             for module in groups.iter().flat_map(|g| &g.modules) {
                 assert!(
-                    names.contains(&module.as_str()),
+                    names.contains(&module.as_str()) || tensors.contains(module),
                     "{arch}: group module {module}"
                 );
             }
@@ -473,7 +485,7 @@ mod tests {
                 groups
                     .iter()
                     .flat_map(|g| &g.modules)
-                    .any(|m| t.starts_with(&format!("{m}.")))
+                    .any(|m| t == m || t.starts_with(&format!("{m}.")))
             };
             assert!(
                 tensors.iter().all(covered),

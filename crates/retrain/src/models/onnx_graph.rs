@@ -14,7 +14,9 @@ use super::layers::LayerNorm;
 use super::to_vec;
 use crate::error::{Result, bail};
 use crate::onnx_format::proto::{AttributeProto, NodeProto, TensorProto};
-use crate::onnx_format::{attribute_float, attribute_int, attribute_ints, node, tensor_f32};
+use crate::onnx_format::{
+    attribute_float, attribute_int, attribute_ints, node, tensor_f32, tensor_i64,
+};
 
 /// A value in the graph being written: its name and its rank (which decides, for example,
 /// whether a Linear is a `Gemm` or a `MatMul`).
@@ -46,6 +48,8 @@ pub struct Graph {
     initializers: Vec<TensorProto>,
     scalars: BTreeMap<u32, Value>,
     torch_name: fn(&str) -> String,
+    image_size: usize,
+    fixed_size: bool,
 }
 
 /// `scope.child`, or `child` at the root.
@@ -59,14 +63,29 @@ pub fn child(scope: &str, child: impl std::fmt::Display) -> String {
 
 impl Graph {
     /// An empty graph whose names go through `torch_name` (see
-    /// [`crate::models::Family::torch_name`]).
-    pub fn new(torch_name: fn(&str) -> String) -> Self {
+    /// [`crate::models::Family::torch_name`]), for inputs of `image_size` (which only
+    /// networks with position embeddings depend on).
+    pub fn new(torch_name: fn(&str) -> String, image_size: usize) -> Self {
         Self {
             nodes: Vec::new(),
             initializers: Vec::new(),
             scalars: BTreeMap::new(),
             torch_name,
+            image_size,
+            fixed_size: false,
         }
+    }
+
+    /// The side of the square input the graph is for; asking makes that size part of the
+    /// graph ([`Self::fixed_size`]).
+    pub fn image_size(&mut self) -> usize {
+        self.fixed_size = true;
+        self.image_size
+    }
+
+    /// Whether the graph holds only for inputs of [`Self::image_size`].
+    pub fn fixed_size(&self) -> bool {
+        self.fixed_size
     }
 
     /// A node of `op` in module `scope`, with one output of rank `rank`.
@@ -91,7 +110,12 @@ impl Graph {
     }
 
     /// A weight tensor, named `scope.field` as PyTorch names it.
-    fn weight<const D: usize>(&mut self, scope: &str, field: &str, t: Tensor<D>) -> Result<Value> {
+    pub fn weight<const D: usize>(
+        &mut self,
+        scope: &str,
+        field: &str,
+        t: Tensor<D>,
+    ) -> Result<Value> {
         let name = (self.torch_name)(&child(scope, field));
         let dims = t.dims();
         self.initializers
@@ -99,8 +123,18 @@ impl Graph {
         Ok(Value { name, rank: D })
     }
 
+    /// An int64 initializer (a shape, an index), named after the node count.
+    fn int64(&mut self, dims: &[usize], values: &[i64]) -> Value {
+        let name = format!("int64_{}_{}", self.nodes.len(), self.initializers.len());
+        self.initializers.push(tensor_i64(&name, dims, values));
+        Value {
+            name,
+            rank: dims.len(),
+        }
+    }
+
     /// The scalar `value` as a shared initializer.
-    fn scalar(&mut self, value: f32) -> Value {
+    pub fn scalar(&mut self, value: f32) -> Value {
         if let Some(v) = self.scalars.get(&value.to_bits()) {
             return v.clone();
         }
@@ -251,8 +285,70 @@ impl Graph {
         self.mul(scope, &y, &half)
     }
 
+    /// `a @ b`, broadcasting over the leading dimensions.
+    pub fn matmul(&mut self, scope: &str, a: &Value, b: &Value) -> Value {
+        self.op("MatMul", scope, &[a, b], vec![], a.rank.max(b.rank))
+    }
+
+    /// `x.reshape(shape)`, where 0 keeps a dimension and -1 takes the rest (ONNX's rules).
+    pub fn reshape(&mut self, scope: &str, x: &Value, shape: &[i64]) -> Value {
+        let shape_value = self.int64(&[shape.len()], shape);
+        self.op("Reshape", scope, &[x, &shape_value], vec![], shape.len())
+    }
+
+    /// The last dimension cut into `N` equal parts.
+    pub fn split_last<const N: usize>(&mut self, scope: &str, x: &Value) -> [Value; N] {
+        let name = format!("/{}/Split_{}", (self.torch_name)(scope), self.nodes.len());
+        let outputs: [String; N] = std::array::from_fn(|i| format!("{name}:{i}"));
+        let attributes = vec![attribute_int("axis", -1)];
+        self.nodes.push(node(
+            "Split",
+            name,
+            vec![x.name.clone()],
+            outputs.to_vec(),
+            attributes,
+        ));
+        outputs.map(|name| Value { name, rank: x.rank })
+    }
+
+    /// Softmax over the last dimension.
+    pub fn softmax_last(&mut self, scope: &str, x: &Value) -> Value {
+        self.op(
+            "Softmax",
+            scope,
+            &[x],
+            vec![attribute_int("axis", -1)],
+            x.rank,
+        )
+    }
+
+    /// `x` (`[1, ...]`) repeated along a first dimension as long as `like`'s.
+    pub fn expand_batch(&mut self, scope: &str, x: &Value, like: &Value) -> Value {
+        let shape = self.op("Shape", scope, &[like], vec![], 1);
+        let (start, end) = (self.int64(&[1], &[0]), self.int64(&[1], &[1]));
+        let batch = self.op("Slice", scope, &[&shape, &start, &end], vec![], 1);
+        let rest = self.op("Shape", scope, &[x], vec![], 1);
+        let (one, rank) = (self.int64(&[1], &[1]), self.int64(&[1], &[x.rank as i64]));
+        let rest = self.op("Slice", scope, &[&rest, &one, &rank], vec![], 1);
+        let target = self.concat(scope, &[&batch, &rest], 0);
+        self.op("Expand", scope, &[x, &target], vec![], x.rank)
+    }
+
+    /// Values joined along `axis`.
+    pub fn concat(&mut self, scope: &str, values: &[&Value], axis: i64) -> Value {
+        let attributes = vec![attribute_int("axis", axis)];
+        self.op("Concat", scope, values, attributes, values[0].rank)
+    }
+
+    /// Index `index` of dimension `axis` (which goes away).
+    pub fn gather(&mut self, scope: &str, x: &Value, axis: i64, index: i64) -> Value {
+        let index = self.int64(&[], &[index]);
+        let attributes = vec![attribute_int("axis", axis)];
+        self.op("Gather", scope, &[x, &index], attributes, x.rank - 1)
+    }
+
     /// Dimensions reordered (`Tensor.permute`).
-    pub fn transpose(&mut self, scope: &str, perm: [usize; 4], x: &Value) -> Value {
+    pub fn transpose(&mut self, scope: &str, perm: &[usize], x: &Value) -> Value {
         let perm: Vec<i64> = perm.iter().map(|&p| p as i64).collect();
         let attributes = vec![attribute_ints("perm", &perm)];
         self.op("Transpose", scope, &[x], attributes, x.rank)
