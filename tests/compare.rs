@@ -154,6 +154,63 @@ fn compare_runs_a_mobilenet_v3_head_partial_and_full() {
     assert!(trainable(&regimes[1]) < trainable(&regimes[2]));
 }
 
+/// A ViT through `compare` at another image size than its position embeddings' (48 for
+/// 32): the head regime trains `heads.head` on cached class tokens, partial freezes the
+/// patch embedding and the first half of the blocks, and the full regime trains the stored
+/// position embeddings through their resampling (same shape, new values).
+#[test]
+fn compare_runs_a_vit_at_another_image_size() {
+    let dir = tempdir();
+    let data = toy(dir.path(), 12);
+    let out = dir.path().join("cmp");
+    let weights = fixture("vit_w128.pth");
+    let args = [
+        "compare".as_ref(),
+        "--weights".as_ref(),
+        weights.as_os_str(),
+        "--data".as_ref(),
+        data.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--epochs".as_ref(),
+        "2".as_ref(),
+        "--image-size".as_ref(),
+        "48".as_ref(),
+        "--batch-size".as_ref(),
+        "16".as_ref(),
+        "--regimes".as_ref(),
+        std::ffi::OsStr::new("head,partial,full"),
+    ];
+    retrain_ok(args);
+    let summary = json(&out.join("summary.json"));
+    let regimes = summary["regimes"].as_array().unwrap();
+    for r in regimes {
+        assert_eq!(r["freeze_audit_passed"], true, "{}", r["regime"]);
+    }
+    assert_eq!(regimes[1]["freeze"], "stem,block0");
+    assert_eq!(regimes[0]["trainable_params"].as_u64(), Some(3 * 128 + 3));
+    assert_eq!(json(&out.join("head/summary.json"))["feature_cache"], true);
+    let exported = dir.path().join("full.pth");
+    retrain_ok([
+        "export".as_ref(),
+        "--run".as_ref(),
+        out.join("full").as_os_str(),
+        "--out".as_ref(),
+        exported.as_os_str(),
+    ]);
+    let pos = |path: &Path| {
+        let sd = checkpoint::read(path, None).unwrap();
+        let t = sd.get("encoder.pos_embedding").unwrap();
+        (t.shape.clone(), t.data.clone())
+    };
+    let (trained, pretrained) = (pos(&exported), pos(&weights));
+    assert_eq!(trained.0, [1, 17, 128]);
+    assert_ne!(
+        trained.1, pretrained.1,
+        "the position embeddings were trained"
+    );
+}
+
 #[test]
 fn regimes_can_be_chosen_with_a_custom_partial_spec() {
     let dir = tempdir();

@@ -35,7 +35,7 @@ RETRAIN = ROOT / "target" / "release" / "retrain"
 
 
 def family(arch: str) -> str:
-    for prefix in ("mobilenet_v3", "mobilenet_v2", "efficientnet", "convnext", "regnet"):
+    for prefix in ("mobilenet_v3", "mobilenet_v2", "efficientnet", "convnext", "regnet", "vit"):
         if arch.startswith(prefix):
             return prefix
     return "resnet"
@@ -50,6 +50,10 @@ def run_pytorch(arch: str, tmp: Path):
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch)
     calibrate(model, 224, seed=0)
+    if family(arch) == "vit":  # torchvision zeroes the head, which would hide the logits
+        with torch.no_grad():
+            model.heads.head.weight.normal_(std=0.02)
+            model.class_token.normal_(std=0.5)
     ckpt, io, out = tmp / f"{arch}.pth", tmp / f"{arch}_io.safetensors", tmp / "out.safetensors"
     torch.save(model.state_dict(), ckpt)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))

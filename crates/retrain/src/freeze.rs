@@ -100,12 +100,16 @@ pub fn parse_spec(spec: &str, model_spec: &ModelSpec, model: &Model) -> Result<F
     let prefixes = match spec_text {
         "none" | "" => Vec::new(),
         "backbone" => {
-            // Every module that holds tensors, except the head.
+            // Every module that holds tensors, except the head; the root module's own
+            // tensors (a ViT's class token) by name.
             let head = head_modules(model_spec);
             modules
                 .iter()
                 .filter(|m| !m.params.is_empty() && !head.contains(&m.name))
-                .map(|m| m.name.clone())
+                .flat_map(|m| match m.name.is_empty() {
+                    true => m.params.iter().map(|p| p.name.clone()).collect(),
+                    false => vec![m.name.clone()],
+                })
                 .collect()
         }
         list => {
