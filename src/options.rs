@@ -98,6 +98,11 @@ pub struct TrainFlags {
     /// Learning-rate multiplier for the new head.
     #[arg(long, default_value_t = defaults().head_lr_mult, value_parser = ranges::positive)]
     pub head_lr_mult: f64,
+    /// Layer-wise learning-rate decay in (0, 1] (timm's `layer_decay`, as ViTs are usually
+    /// fine-tuned): each freeze group below the head trains at this times the rate of the
+    /// group above it.
+    #[arg(long, value_parser = ranges::share)]
+    pub layer_decay: Option<f64>,
     /// Train only the head until this epoch, then unfreeze to `--freeze` (fastai's fine_tune).
     #[arg(long, value_parser = ranges::at_least_one)]
     pub unfreeze_at: Option<usize>,
@@ -154,6 +159,7 @@ impl TrainFlags {
             step_size: self.step_size,
             gamma: self.gamma,
             head_lr_mult: self.head_lr_mult,
+            layer_decay: self.layer_decay,
             unfreeze_at: self.unfreeze_at,
             label_smoothing: self.label_smoothing,
             class_weights: self.class_weights,

@@ -568,3 +568,75 @@ fn ctrl_c_keeps_the_last_checkpoint_and_the_run_resumes() {
     );
     assert_eq!(json(&run.join("summary.json"))["epochs"], done + 1);
 }
+
+/// `--layer-decay 0.5` on a two-block ViT with the stem frozen: each group's learning rate
+/// is the head's halved per depth below it (timm's `layer_decay`; the final norm shares the
+/// head's), the frozen stem is absent, and the first SGD step moves each group by exactly
+/// that fraction of what it moves without decay.
+#[test]
+fn layer_decay_scales_each_groups_learning_rate() {
+    let dir = tempdir();
+    let data = toy(dir.path(), 8);
+    let common = [
+        "--freeze",
+        "stem",
+        "--optimizer",
+        "sgd",
+        "--schedule",
+        "constant",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.5",
+    ];
+    let (plain, decayed) = (dir.path().join("plain"), dir.path().join("decayed"));
+    retrain_ok(train_args("vit_w128.pth", &data, &plain, &common));
+    let mut with_decay = common.to_vec();
+    with_decay.extend(["--layer-decay", "0.5"]);
+    retrain_ok(train_args("vit_w128.pth", &data, &decayed, &with_decay));
+
+    let scales = &json(&decayed.join("summary.json"))["lr_scales"];
+    let expected = serde_json::json!([
+        {"group": "block0", "scale": 0.25},
+        {"group": "block1", "scale": 0.5},
+        {"group": "norm", "scale": 1.0},
+        {"group": "head", "scale": 1.0},
+    ]);
+    assert_eq!(scales, &expected);
+    assert_eq!(
+        json(&plain.join("summary.json"))["lr_scales"],
+        serde_json::json!([])
+    );
+
+    let original = checkpoint::read(&fixture("vit_w128.pth"), None).unwrap();
+    let weights = |run: &Path| checkpoint::read(&run.join("last/model.safetensors"), None).unwrap();
+    let (a, b) = (weights(&plain), weights(&decayed));
+    let moved = |sd: &checkpoint::StateDict, prefix: &str| -> f64 {
+        sd.iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(name, t)| {
+                let start = original.get(name).map(|o| o.data.clone());
+                let start = start.unwrap_or_else(|| vec![0.0; t.data.len()]);
+                t.data
+                    .iter()
+                    .zip(&start)
+                    .map(|(x, y)| f64::from((x - y).abs()))
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    for (prefix, scale) in [
+        ("encoder.layers.encoder_layer_0.", 0.25),
+        ("encoder.layers.encoder_layer_1.", 0.5),
+        ("encoder.ln.", 1.0),
+    ] {
+        let ratio = moved(&b, prefix) / moved(&a, prefix);
+        assert!(
+            (ratio - scale).abs() < 1e-3 * scale,
+            "{prefix}: moved {ratio} as far, not {scale}"
+        );
+    }
+    assert_eq!(moved(&b, "conv_proj."), 0.0, "the frozen stem stays");
+}

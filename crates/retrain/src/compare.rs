@@ -196,7 +196,7 @@ pub fn compare(
             Reuse::Done(summary) => {
                 job.observer
                     .line(&format!("== {}: already trained, skipping", regime.name));
-                summary
+                *summary
             }
             Reuse::Extend => {
                 job.observer.line(&format!(
@@ -299,7 +299,7 @@ enum Reuse {
     /// Nothing there: train.
     Fresh,
     /// Finished with the same fingerprint and epochs: use it.
-    Done(RunSummary),
+    Done(Box<RunSummary>),
     /// The same fingerprint, fewer epochs: resume to the new total.
     Extend,
     /// Started but without a finished epoch: nothing to keep, train again.
@@ -329,7 +329,7 @@ fn reuse(dir: &Path, wanted: &Fingerprint) -> anyhow::Result<Reuse> {
     }
     let epochs = wanted.options.epochs;
     match read_json::<RunSummary>(&dir.join("summary.json")) {
-        Ok(s) if s.epochs == epochs => Ok(Reuse::Done(s)),
+        Ok(s) if s.epochs == epochs => Ok(Reuse::Done(Box::new(s))),
         Ok(s) if s.epochs > epochs => Ok(Reuse::Stale(vec![format!(
             "trained for {} epochs, not {epochs}",
             s.epochs

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Flag, Module, ModuleMapper, Param};
+use burn::module::{Flag, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, bridge};
 use serde::{Deserialize, Serialize};
@@ -207,6 +207,52 @@ impl ModuleMapper for Freezer<'_> {
 
     fn map_flag(&mut self, flag: Param<Flag>) -> Param<Flag> {
         flag.with_value(!self.frozen() || self.frozen_bn == FrozenBn::Train)
+    }
+}
+
+/// The ids of the parameters that `modules` covers (module-name prefixes or tensor names,
+/// as a [`crate::models::FreezeGroup`] lists them) and `frozen` leaves trainable.
+pub fn trainable_ids(model: &Model, modules: &[String], frozen: &FreezeSet) -> Vec<ParamId> {
+    let mut collector = IdCollector {
+        path: Vec::new(),
+        torch_name: model.torch_namer(),
+        under: FreezeSet {
+            spec: String::new(),
+            prefixes: modules.to_vec(),
+        },
+        frozen,
+        ids: Vec::new(),
+    };
+    model.visit(&mut collector);
+    collector.ids
+}
+
+/// Collects parameter ids by PyTorch name (see [`trainable_ids`]).
+struct IdCollector<'a> {
+    /// Path segments; enum levels (absent from PyTorch names) are `None`.
+    path: Vec<Option<String>>,
+    torch_name: fn(&str) -> String,
+    under: FreezeSet,
+    frozen: &'a FreezeSet,
+    ids: Vec<ParamId>,
+}
+
+impl ModuleVisitor for IdCollector<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push((!container_type.starts_with("Enum:")).then(|| name.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let path: Vec<&str> = self.path.iter().flatten().map(String::as_str).collect();
+        let name = (self.torch_name)(&path.join("."));
+        if self.under.contains(&name) && !self.frozen.contains(&name) {
+            self.ids.push(param.id);
+        }
     }
 }
 

@@ -105,6 +105,10 @@ pub struct TrainOptions {
     pub gamma: f64,
     /// Learning-rate multiplier for the new head.
     pub head_lr_mult: f64,
+    /// Layer-wise learning-rate decay (timm's `layer_decay`): each freeze group's rate is
+    /// the head's times this per group of depth below it.
+    #[serde(default)]
+    pub layer_decay: Option<f64>,
     /// Train only the head until this epoch, then unfreeze to `--freeze` (fastai's fine_tune).
     pub unfreeze_at: Option<usize>,
     /// Label smoothing of the cross-entropy (0 = none).
@@ -152,6 +156,7 @@ impl Default for TrainOptions {
             step_size: 10,
             gamma: 0.1,
             head_lr_mult: 1.0,
+            layer_decay: None,
             unfreeze_at: None,
             label_smoothing: 0.0,
             class_weights: None,
@@ -328,6 +333,10 @@ pub struct RunSummary {
     pub freeze_audit_passed: bool,
     /// Whether the last epochs trained the head alone, on cached backbone features.
     pub feature_cache: bool,
+    /// With `--layer-decay`: each trainable freeze group's learning-rate scale (under the
+    /// final freeze; frozen groups are absent).
+    #[serde(default)]
+    pub lr_scales: Vec<LrScale>,
     /// Training images that decoded.
     pub train_images: usize,
     /// Validation images that decoded.
@@ -388,7 +397,7 @@ impl TrainOptions {
     pub fn validate(&self) -> Result<()> {
         use ranges::*;
         let optional = |value: Option<f64>, check: Check<f64>| value.map_or(Ok(0.0), check);
-        let checks: [(&str, Result<f64, String>); 15] = [
+        let checks: [(&str, Result<f64, String>); 16] = [
             (
                 "batch-size",
                 check_within(self.batch_size, BATCH_SIZES).map(|n| n as f64),
@@ -403,6 +412,7 @@ impl TrainOptions {
             ),
             ("gamma", check_positive(self.gamma)),
             ("head-lr-mult", check_positive(self.head_lr_mult)),
+            ("layer-decay", optional(self.layer_decay, check_share)),
             (
                 "label-smoothing",
                 check_fraction(self.label_smoothing as f64),
@@ -777,6 +787,9 @@ impl<'a> Session<'a> {
                     &model, train_set, val_set, preprocess, options, &self.job,
                 )?);
             }
+            let decay = options
+                .layer_decay
+                .map_or(Vec::new(), |d| layer_decay_groups(spec, &model, set, d));
             device.seed(options.seed.wrapping_add(epoch as u64));
             let epoch_start = Instant::now();
             let ctx = StepContext {
@@ -785,6 +798,7 @@ impl<'a> Session<'a> {
                 steps_per_epoch,
                 criterion: &criterion,
                 head_ids: &head_ids,
+                decay: &decay,
                 device,
                 job: &self.job,
             };
@@ -861,6 +875,10 @@ impl<'a> Session<'a> {
             );
         }
         let (trainable, frozen) = param_counts(model, &self.final_set);
+        let lr_scales = options.layer_decay.map_or(Vec::new(), |d| {
+            let groups = layer_decay_groups(&self.spec, model, &self.final_set, d);
+            groups.into_iter().map(|g| g.scale).collect()
+        });
         let summary = RunSummary {
             architecture: self.spec.arch.to_string(),
             freeze: options.freeze.clone(),
@@ -879,6 +897,7 @@ impl<'a> Session<'a> {
             frozen_tensors: state.frozen_checksums.len(),
             freeze_audit_passed: true,
             feature_cache,
+            lr_scales,
             train_images: self.train_set.len(),
             val_images: self.val_set.len(),
             skipped_images: self
@@ -973,6 +992,55 @@ fn build_model(
     })
 }
 
+/// A freeze group's learning-rate scale under `--layer-decay`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LrScale {
+    /// The group's name (`block3`).
+    pub group: String,
+    /// Its learning rate over the run's.
+    pub scale: f64,
+}
+
+/// The trainable parameters of one freeze group and their learning-rate scale.
+struct DecayGroup {
+    scale: LrScale,
+    ids: Vec<ParamId>,
+}
+
+/// timm's layer-wise decay over the family's freeze groups: a group's depth is its place
+/// from the stem, except that the groups after the last numbered one (`layer4`, `block11`;
+/// then a final norm, `pre_logits`, the head) share the top depth, as timm gives
+/// everything after the blocks the last layer id; the scale is `decay^(top - depth)`.
+/// Groups without trainable parameters under `frozen` are left out.
+fn layer_decay_groups(
+    spec: &ModelSpec,
+    model: &Model,
+    frozen: &FreezeSet,
+    decay: f64,
+) -> Vec<DecayGroup> {
+    let groups = spec.family.freeze_groups();
+    let numbered = |name: &str| name.ends_with(|c: char| c.is_ascii_digit());
+    let top = groups
+        .iter()
+        .rposition(|g| numbered(&g.name))
+        .map_or(0, |i| i + 1);
+    groups
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| {
+            let ids = freeze::trainable_ids(model, &g.modules, frozen);
+            let scale = decay.powi((top - i.min(top)) as i32);
+            (!ids.is_empty()).then(|| DecayGroup {
+                scale: LrScale {
+                    group: g.name.clone(),
+                    scale,
+                },
+                ids,
+            })
+        })
+        .collect()
+}
+
 /// Two optimizers so the head can take a larger learning rate (`--head-lr-mult`).
 struct Optimizers {
     head: ModuleOptimizer,
@@ -1019,18 +1087,39 @@ impl Optimizers {
         self.body.save(dir.join("optim_body.bpk")).map_err(err)
     }
 
+    /// One step: the head at `lr * head_mult`, each layer-decay group at its scale, the
+    /// rest at `lr`. Every gradient is taken before any parameter moves.
     fn step(
         &mut self,
         model: Model,
         loss: Tensor<1>,
         head_ids: &[ParamId],
-        lr: f64,
-        head_mult: f64,
+        decay: &[DecayGroup],
+        (lr, head_mult): (f64, f64),
     ) -> Model {
         let mut grads = loss.backward();
         let head = GradientsParams::from_params(&mut grads, &model, head_ids);
+        let decayed: Vec<(f64, GradientsParams)> = decay
+            .iter()
+            .filter(|g| g.scale.scale != 1.0)
+            .map(|g| {
+                let ids: Vec<ParamId> = g
+                    .ids
+                    .iter()
+                    .filter(|id| !head_ids.contains(id))
+                    .copied()
+                    .collect();
+                (
+                    g.scale.scale,
+                    GradientsParams::from_params(&mut grads, &model, &ids),
+                )
+            })
+            .collect();
         let body = GradientsParams::from_grads(grads, &model);
-        let model = self.head.step(lr * head_mult, model, head);
+        let mut model = self.head.step(lr * head_mult, model, head);
+        for (scale, grads) in decayed {
+            model = self.body.step(lr * scale, model, grads);
+        }
         self.body.step(lr, model, body)
     }
 }
@@ -1080,6 +1169,7 @@ struct StepContext<'a> {
     steps_per_epoch: usize,
     criterion: &'a CrossEntropyLoss,
     head_ids: &'a [ParamId],
+    decay: &'a [DecayGroup],
     device: &'a Device,
     job: &'a Job<'a>,
 }
@@ -1143,7 +1233,7 @@ impl StepContext<'_> {
         let step = self.epoch * self.steps_per_epoch + i;
         totals.lr = learning_rate(self.options, step, self.steps_per_epoch);
         let mult = self.options.head_lr_mult;
-        let model = optimizers.step(model, loss, self.head_ids, totals.lr, mult);
+        let model = optimizers.step(model, loss, self.head_ids, self.decay, (totals.lr, mult));
         totals.loss_sum += value * labels.len() as f64;
         totals.correct += correct;
         totals.seen += labels.len();
