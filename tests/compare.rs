@@ -7,6 +7,16 @@ use common::*;
 use retrain::checkpoint;
 
 fn compare_args<'a>(data: &'a Path, out: &'a Path, weights: &'a Path) -> Vec<&'a std::ffi::OsStr> {
+    compare_args_at(data, out, weights, "32")
+}
+
+/// [`compare_args`] at another image size.
+fn compare_args_at<'a>(
+    data: &'a Path,
+    out: &'a Path,
+    weights: &'a Path,
+    image_size: &'a str,
+) -> Vec<&'a std::ffi::OsStr> {
     vec![
         "compare".as_ref(),
         "--weights".as_ref(),
@@ -18,7 +28,7 @@ fn compare_args<'a>(data: &'a Path, out: &'a Path, weights: &'a Path) -> Vec<&'a
         "--epochs".as_ref(),
         "2".as_ref(),
         "--image-size".as_ref(),
-        "32".as_ref(),
+        image_size.as_ref(),
         "--batch-size".as_ref(),
         "16".as_ref(),
     ]
@@ -164,23 +174,11 @@ fn compare_runs_a_vit_at_another_image_size() {
     let data = toy(dir.path(), 12);
     let out = dir.path().join("cmp");
     let weights = fixture("vit_w128.pth");
-    let args = [
-        "compare".as_ref(),
-        "--weights".as_ref(),
-        weights.as_os_str(),
-        "--data".as_ref(),
-        data.as_os_str(),
-        "--out".as_ref(),
-        out.as_os_str(),
-        "--epochs".as_ref(),
-        "2".as_ref(),
-        "--image-size".as_ref(),
-        "48".as_ref(),
-        "--batch-size".as_ref(),
-        "16".as_ref(),
-        "--regimes".as_ref(),
-        std::ffi::OsStr::new("head,partial,full"),
-    ];
+    let mut args = compare_args_at(&data, &out, &weights, "48");
+    args.extend([
+        std::ffi::OsStr::new("--regimes"),
+        "head,partial,full".as_ref(),
+    ]);
     retrain_ok(args);
     let summary = json(&out.join("summary.json"));
     let regimes = summary["regimes"].as_array().unwrap();

@@ -365,25 +365,40 @@ impl Backward<Flex, 1> for SiluBackward {
     type State = FlexTensor;
 
     fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let input = ops.state;
         unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
-            match f32_view(&input) {
-                Some(x) if grad.dtype() == DType::F32 => {
-                    let mut dx = into_owned_f32(grad);
-                    let len = dx.layout().num_elements();
-                    cpu::silu_backward_in_place(slice(&x), &mut dx.storage_mut::<f32>()[..len]);
-                    dx
-                }
-                _ => {
+            elementwise_grad(
+                ops.state,
+                grad,
+                cpu::silu_backward_in_place,
+                |input, grad| {
                     // s * (1 + x * (1 - s)), with s = sigmoid(x).
                     let s = Flex::sigmoid(input.clone());
                     let one_minus = Flex::float_add_scalar(Flex::float_neg(s.clone()), 1f32.into());
                     let inner =
                         Flex::float_add_scalar(Flex::float_mul(input, one_minus), 1f32.into());
                     Flex::float_mul(grad, Flex::float_mul(s, inner))
-                }
-            }
+                },
+            )
         });
+    }
+}
+
+/// The input gradient of an elementwise op from its input: `native` multiplies the
+/// derivative into the gradient in place for f32, `generic` computes it otherwise.
+fn elementwise_grad(
+    input: FlexTensor,
+    grad: FlexTensor,
+    native: fn(&[f32], &mut [f32]),
+    generic: impl FnOnce(FlexTensor, FlexTensor) -> FlexTensor,
+) -> FlexTensor {
+    match f32_view(&input) {
+        Some(x) if grad.dtype() == DType::F32 => {
+            let mut dx = into_owned_f32(grad);
+            let len = dx.layout().num_elements();
+            native(slice(&x), &mut dx.storage_mut::<f32>()[..len]);
+            dx
+        }
+        _ => generic(input, grad),
     }
 }
 
@@ -394,17 +409,13 @@ impl Backward<Flex, 1> for GeluBackward {
     type State = FlexTensor;
 
     fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let input = ops.state;
         unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
-            match f32_view(&input) {
-                Some(x) if grad.dtype() == DType::F32 => {
-                    let mut dx = into_owned_f32(grad);
-                    let len = dx.layout().num_elements();
-                    cpu::gelu_backward_in_place(slice(&x), &mut dx.storage_mut::<f32>()[..len]);
-                    dx
-                }
-                _ => Flex::gelu_backward(input, grad),
-            }
+            elementwise_grad(
+                ops.state,
+                grad,
+                cpu::gelu_backward_in_place,
+                Flex::gelu_backward,
+            )
         });
     }
 }
