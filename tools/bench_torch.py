@@ -29,9 +29,12 @@ PARTIAL = {
     "efficientnet_b0": "features.0-4",
     "mobilenet_v3_large": "features.0-12",
     "convnext_tiny": "features.0-4",
+    "vit_b_16": ",".join(["conv_proj", "class_token", "encoder.pos_embedding"]
+                         + [f"encoder.layers.encoder_layer_{i}" for i in range(6)]),
 }
 HEAD = {"mobilenet_v2": "classifier", "efficientnet_b0": "classifier.1",
-        "mobilenet_v3_large": "classifier.3", "convnext_tiny": "classifier.2"}
+        "mobilenet_v3_large": "classifier.3", "convnext_tiny": "classifier.2",
+        "vit_b_16": "heads.head"}
 
 
 def frozen_prefixes(arch):
@@ -47,13 +50,15 @@ def frozen_prefixes(arch):
 
 
 def freeze(model, prefixes):
-    """Frozen like retrain freezes: no grad, and BatchNorm in eval mode (fixed statistics)."""
+    """Frozen like retrain freezes: no grad (prefixes name modules or, like a ViT's class
+    token, parameters), and BatchNorm in eval mode (fixed statistics)."""
+    covered = lambda name: any(name == p or name.startswith(p + ".") for p in prefixes)
+    for name, p in model.named_parameters():
+        if covered(name):
+            p.requires_grad_(False)
     for name, m in model.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in prefixes):
-            for p in m.parameters(recurse=False):
-                p.requires_grad_(False)
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.eval()
+        if covered(name) and isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
 
 
 def timed(warmup, steps, fn):
