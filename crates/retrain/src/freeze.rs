@@ -176,29 +176,55 @@ fn expand_range(item: &str, names: &[&str]) -> anyhow::Result<Vec<String>> {
 
 /// Sets gradients and BatchNorm/Dropout training flags by module path.
 struct Freezer<'a> {
-    /// Path segments; enum levels (absent from PyTorch names) are `None`.
-    path: Vec<Option<String>>,
-    /// The network's map from its paths to PyTorch's names.
-    torch_name: fn(&str) -> String,
+    path: TorchPath,
     set: &'a FreezeSet,
     frozen_bn: FrozenBn,
 }
 
+/// Where a module visitor is, by PyTorch name: burn's path with the enum levels (absent
+/// from PyTorch's names) left out, mapped by the network's [`Model::torch_namer`].
+struct TorchPath {
+    segments: Vec<Option<String>>,
+    torch_name: fn(&str) -> String,
+}
+
+impl TorchPath {
+    fn new(model: &Model) -> Self {
+        Self {
+            segments: Vec::new(),
+            torch_name: model.torch_namer(),
+        }
+    }
+
+    fn enter(&mut self, name: &str, container_type: &str) {
+        self.segments
+            .push((!container_type.starts_with("Enum:")).then(|| name.to_string()));
+    }
+
+    fn exit(&mut self) {
+        self.segments.pop();
+    }
+
+    /// PyTorch's name for the current path.
+    fn name(&self) -> String {
+        let path: Vec<&str> = self.segments.iter().flatten().map(String::as_str).collect();
+        (self.torch_name)(&path.join("."))
+    }
+}
+
 impl Freezer<'_> {
     fn frozen(&self) -> bool {
-        let name: Vec<&str> = self.path.iter().flatten().map(String::as_str).collect();
-        self.set.contains(&(self.torch_name)(&name.join(".")))
+        self.set.contains(&self.path.name())
     }
 }
 
 impl ModuleMapper for Freezer<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path
-            .push((!container_type.starts_with("Enum:")).then(|| name.to_string()));
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+        self.path.exit();
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
@@ -214,8 +240,7 @@ impl ModuleMapper for Freezer<'_> {
 /// as a [`crate::models::FreezeGroup`] lists them) and `frozen` leaves trainable.
 pub fn trainable_ids(model: &Model, modules: &[String], frozen: &FreezeSet) -> Vec<ParamId> {
     let mut collector = IdCollector {
-        path: Vec::new(),
-        torch_name: model.torch_namer(),
+        path: TorchPath::new(model),
         under: FreezeSet {
             spec: String::new(),
             prefixes: modules.to_vec(),
@@ -229,9 +254,7 @@ pub fn trainable_ids(model: &Model, modules: &[String], frozen: &FreezeSet) -> V
 
 /// Collects parameter ids by PyTorch name (see [`trainable_ids`]).
 struct IdCollector<'a> {
-    /// Path segments; enum levels (absent from PyTorch names) are `None`.
-    path: Vec<Option<String>>,
-    torch_name: fn(&str) -> String,
+    path: TorchPath,
     under: FreezeSet,
     frozen: &'a FreezeSet,
     ids: Vec<ParamId>,
@@ -239,17 +262,15 @@ struct IdCollector<'a> {
 
 impl ModuleVisitor for IdCollector<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path
-            .push((!container_type.starts_with("Enum:")).then(|| name.to_string()));
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+        self.path.exit();
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let path: Vec<&str> = self.path.iter().flatten().map(String::as_str).collect();
-        let name = (self.torch_name)(&path.join("."));
+        let name = self.path.name();
         if self.under.contains(&name) && !self.frozen.contains(&name) {
             self.ids.push(param.id);
         }
@@ -258,10 +279,9 @@ impl ModuleVisitor for IdCollector<'_> {
 
 /// Freeze what `set` names and make everything else trainable.
 pub fn apply(model: Model, set: &FreezeSet, frozen_bn: FrozenBn) -> Model {
-    let torch_name = model.torch_namer();
+    let path = TorchPath::new(&model);
     model.map(&mut Freezer {
-        path: Vec::new(),
-        torch_name,
+        path,
         set,
         frozen_bn,
     })

@@ -108,7 +108,7 @@ pub fn onnx_model(model: &Model, deployment: &Deployment) -> Result<ModelProto> 
     let batch = || Dim::Named("batch".into());
     let mut outputs = vec![value_info_f32("logits", &[batch(), Dim::Fixed(classes)])];
     if deployment.with_softmax {
-        let probabilities = g.softmax(&logits);
+        let probabilities = g.softmax_last("", &logits);
         g.output(&probabilities, "probabilities");
         outputs.push(value_info_f32(
             "probabilities",

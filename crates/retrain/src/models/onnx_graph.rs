@@ -52,6 +52,20 @@ pub struct Graph {
     fixed_size: bool,
 }
 
+/// Sizes as ONNX's int64 attributes.
+fn ints(values: &[usize]) -> Vec<i64> {
+    values.iter().map(|&n| n as i64).collect()
+}
+
+/// ONNX's `pads` (begin then end of each axis: top, left, bottom, right), for the explicit
+/// padding every family uses.
+fn pads(scope: &str, padding: &burn::nn::PaddingConfig2d) -> Result<Vec<i64>> {
+    let burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) = *padding else {
+        bail!("{scope}: only explicit padding is exported");
+    };
+    Ok(ints(&[top, left, bottom, right]))
+}
+
 /// `scope.child`, or `child` at the root.
 pub fn child(scope: &str, child: impl std::fmt::Display) -> String {
     if scope.is_empty() {
@@ -147,15 +161,11 @@ impl Graph {
 
     /// `Conv2d` with its bias (folded BatchNorm included).
     pub fn conv2d(&mut self, scope: &str, conv: &Conv2d, x: &Value) -> Result<Value> {
-        let burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) = conv.padding else {
-            bail!("{scope}: only explicit padding is exported");
-        };
         let [_, _, kh, kw] = conv.weight.dims();
-        let ints = |v: &[usize]| v.iter().map(|&n| n as i64).collect::<Vec<_>>();
         let attributes = vec![
             attribute_ints("kernel_shape", &ints(&[kh, kw])),
             attribute_ints("strides", &ints(&conv.stride)),
-            attribute_ints("pads", &ints(&[top, left, bottom, right])),
+            attribute_ints("pads", &pads(scope, &conv.padding)?),
             attribute_ints("dilations", &ints(&conv.dilation)),
             attribute_int("group", conv.groups as i64),
         ];
@@ -349,8 +359,7 @@ impl Graph {
 
     /// Dimensions reordered (`Tensor.permute`).
     pub fn transpose(&mut self, scope: &str, perm: &[usize], x: &Value) -> Value {
-        let perm: Vec<i64> = perm.iter().map(|&p| p as i64).collect();
-        let attributes = vec![attribute_ints("perm", &perm)];
+        let attributes = vec![attribute_ints("perm", &ints(perm))];
         self.op("Transpose", scope, &[x], attributes, x.rank)
     }
 
@@ -375,23 +384,14 @@ impl Graph {
 
     /// `nn.MaxPool2d`.
     pub fn max_pool2d(&mut self, scope: &str, pool: &MaxPool2d, x: &Value) -> Result<Value> {
-        let burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) = pool.padding else {
-            bail!("{scope}: only explicit padding is exported");
-        };
-        let ints = |v: &[usize]| v.iter().map(|&n| n as i64).collect::<Vec<_>>();
         let attributes = vec![
             attribute_ints("kernel_shape", &ints(&pool.kernel_size)),
             attribute_ints("strides", &ints(&pool.stride)),
-            attribute_ints("pads", &ints(&[top, left, bottom, right])),
+            attribute_ints("pads", &pads(scope, &pool.padding)?),
             attribute_ints("dilations", &ints(&pool.dilation)),
             attribute_int("ceil_mode", pool.ceil_mode as i64),
         ];
         Ok(self.op("MaxPool", scope, &[x], attributes, 4))
-    }
-
-    /// Softmax over dimension 1 of `[N, classes]`.
-    pub fn softmax(&mut self, x: &Value) -> Value {
-        self.op("Softmax", "", &[x], vec![attribute_int("axis", 1)], 2)
     }
 
     /// The nodes in order and the initializers.

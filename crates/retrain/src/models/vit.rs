@@ -14,7 +14,9 @@ use burn::tensor::activation::softmax;
 use serde::{Deserialize, Serialize};
 
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
-use super::layers::{ConvSpec, Layer, LayerNorm, dropout, head, layer_norm, sequential};
+use super::layers::{
+    ConvSpec, Layer, LayerNorm, dropout, head, layer_norm, sequential, sequential_onnx,
+};
 use super::onnx_graph::{Graph, Value, child};
 use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
@@ -89,11 +91,10 @@ impl MultiheadAttention {
         Self {
             in_proj_weight: xavier.init_with([3 * dim, dim], Some(dim), Some(3 * dim), device),
             in_proj_bias: Initializer::Zeros.init([3 * dim], device),
-            out_proj: OutProj::NonDynamicallyQuantizableLinear(
-                LinearConfig::new(dim, dim)
-                    .init(device)
-                    .no_bias_init(device),
-            ),
+            out_proj: OutProj::NonDynamicallyQuantizableLinear(zero_bias(
+                LinearConfig::new(dim, dim).init(device),
+                device,
+            )),
             num_heads,
         }
     }
@@ -155,18 +156,12 @@ impl MultiheadAttention {
     }
 }
 
-/// A Linear whose bias starts at zero (`nn.MultiheadAttention` zeroes `out_proj.bias`).
-trait ZeroBias {
-    fn no_bias_init(self, device: &Device) -> Self;
-}
-
-impl ZeroBias for Linear {
-    fn no_bias_init(mut self, device: &Device) -> Self {
-        self.bias = self
-            .bias
-            .map(|b| Param::from_tensor(Tensor::zeros(b.dims(), device)));
-        self
-    }
+/// `linear` with its bias set to zero (`nn.MultiheadAttention` zeroes `out_proj.bias`).
+fn zero_bias(mut linear: Linear, device: &Device) -> Linear {
+    linear.bias = linear
+        .bias
+        .map(|b| Param::from_tensor(Tensor::zeros(b.dims(), device)));
+    linear
 }
 
 /// The MLP of a block; the variant names torchvision's class (`MLPBlock`, a Sequential of
@@ -240,11 +235,7 @@ impl EncoderBlock {
             .onnx(g, &child(scope, "self_attention"), &x)?;
         let x = g.add(scope, &x, input);
         let y = g.layer_norm(&child(scope, "ln_2"), &self.ln_2, &x)?;
-        let mlp = child(scope, "mlp");
-        let mut y = y;
-        for (i, layer) in self.mlp().iter().enumerate() {
-            y = layer.onnx(g, &child(&mlp, i), &y)?;
-        }
+        let y = sequential_onnx(self.mlp(), g, &child(scope, "mlp"), &y)?;
         Ok(g.add(scope, &x, &y))
     }
 }
@@ -314,9 +305,9 @@ impl VisionTransformer {
         let blocks = (0..spec.num_layers)
             .map(|_| EncoderBlock::new(spec, device))
             .collect();
-        let mut head = LinearConfig::new(d, num_classes).init(device);
-        head.weight = Initializer::Zeros.init([d, num_classes], device);
-        head = head.no_bias_init(device);
+        let head = LinearConfig::new(d, num_classes)
+            .with_initializer(Initializer::Zeros)
+            .init(device);
         Self {
             conv_proj,
             class_token: Initializer::Zeros.init([1, 1, d], device),
@@ -547,7 +538,7 @@ impl Family for VisionTransformer {
         let conv = &sd.get("conv_proj.weight")?.shape;
         let (hidden_dim, patch_size) = (*conv.first()?, *conv.get(2)?);
         let seq = *sd.get("encoder.pos_embedding")?.shape.get(1)?;
-        let grid = ((seq.saturating_sub(1)) as f64).sqrt() as usize;
+        let grid = (seq.saturating_sub(1) as f64).sqrt() as usize;
         let num_layers = (0..)
             .take_while(|i| {
                 sd.get(&format!("{LAYERS}encoder_layer_{i}.ln_1.weight"))
