@@ -189,6 +189,10 @@ struct ExportArgs {
     /// ONNX only: the weights in `OUT.data` beside the file (always past 2 GiB).
     #[arg(long)]
     external_data: bool,
+    /// ONNX only, with `--weights`: the square input side the file is for (default: the
+    /// weights' preprocessing). ViT and Swin graphs hold for that size alone.
+    #[arg(long, value_parser = ranges::image_size, conflicts_with = "run")]
+    image_size: Option<usize>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -509,7 +513,10 @@ fn export_command(args: &ExportArgs, job: &Job) -> anyhow::Result<()> {
         }
         None => {
             let (loaded, registered) = args.weights.load(args.arch, args.num_classes, job)?;
-            let config = loaded.spec.pretrained_config(registered);
+            let mut config = loaded.spec.pretrained_config(registered);
+            if let Some(size) = args.image_size {
+                config.preprocess = config.preprocess.for_input_size(size);
+            }
             let source = match (registered, &args.weights.weights) {
                 (Some(w), _) => w.name(),
                 (None, file) => file
@@ -531,9 +538,9 @@ fn export_command(args: &ExportArgs, job: &Job) -> anyhow::Result<()> {
     let is_onnx = out.extension().is_some_and(|e| e == "onnx");
     if is_onnx {
         export_onnx(&model, &deployment, out)?;
-    } else if args.with_softmax || args.external_data {
+    } else if args.with_softmax || args.external_data || args.image_size.is_some() {
         return Err(usage_error(
-            "--with-softmax and --external-data apply to an .onnx --out only".into(),
+            "--with-softmax, --external-data and --image-size apply to an .onnx --out only".into(),
         ));
     } else {
         export(&model, out)?;

@@ -342,3 +342,33 @@ fn a_view_repeating_a_tiny_storage_is_refused_before_any_allocation() {
         );
     }
 }
+
+/// An exported Swin holds exactly the state dict torchvision's has, the buffers that
+/// follow from the window size (the int64 relative-position index, V2's coordinate table)
+/// included with the same values, so `load_state_dict(strict=True)` takes it.
+#[test]
+fn an_exported_swin_has_torchvisions_keys_buffers_and_values() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["swin_t_w16.pth", "swin_v2_t_w16.pth"] {
+        let out = dir.path().join(name);
+        retrain_ok([
+            "export".as_ref(),
+            "--weights".as_ref(),
+            fixture(name).as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ]);
+        let torch = checkpoint::read(&fixture(name), None).unwrap();
+        let ours = checkpoint::read(&out, None).unwrap();
+        let mut keys: Vec<&str> = ours.keys().collect();
+        let mut want: Vec<&str> = torch.keys().collect();
+        keys.sort();
+        want.sort();
+        assert_eq!(keys, want, "{name}");
+        for (key, t) in torch.iter() {
+            let u = ours.get(key).unwrap();
+            assert_eq!((&t.dtype, &t.shape), (&u.dtype, &u.shape), "{key}");
+            assert_eq!(t.data, u.data, "{key}");
+        }
+    }
+}

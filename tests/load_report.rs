@@ -226,6 +226,14 @@ fn module_view_matches_torch_named_modules_vit() {
     check_module_view("vit_w128.pth", "vit_w128_modules.json");
 }
 
+/// Swin's window attention holds its relative-position index (and in V2 the coordinate
+/// table) as buffers; V2's classes carry a `V2` suffix.
+#[test]
+fn module_view_matches_torch_named_modules_swin() {
+    check_module_view("swin_t_w16.pth", "swin_t_w16_modules.json");
+    check_module_view("swin_v2_t_w16.pth", "swin_v2_t_w16_modules.json");
+}
+
 #[test]
 fn modules_view_previews_a_freeze_spec() {
     let list: serde_json::Value = serde_json::from_str(&retrain_ok([

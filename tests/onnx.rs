@@ -11,7 +11,7 @@ use std::path::Path;
 use tract_onnx::prelude::*;
 
 /// The fixtures of every family (tools/make_fixtures.py), with their inputs.
-const FIXTURES: [(&str, &str); 11] = [
+const FIXTURES: [(&str, &str); 13] = [
     ("mbv2_w025.pth", "mbv2_w025_io.safetensors"),
     ("resnet18_w16.pth", "resnet18_w16_io.safetensors"),
     ("resnet50_w8.pth", "resnet50_w8_io.safetensors"),
@@ -26,6 +26,8 @@ const FIXTURES: [(&str, &str); 11] = [
         "regnet_y_400mf_w025_io.safetensors",
     ),
     ("vit_w128.pth", "vit_w128_io.safetensors"),
+    ("swin_t_w16.pth", "swin_t_w16_io.safetensors"),
+    ("swin_v2_t_w16.pth", "swin_v2_t_w16_io.safetensors"),
 ];
 
 /// Run an ONNX file with tract on an NCHW batch; returns the named outputs in order.
@@ -55,18 +57,21 @@ fn rows(values: &[f32], row: usize, picks: &[usize]) -> Vec<f32> {
         .collect()
 }
 
-/// Export `weights` to ONNX and compare tract's logits with `retrain forward`'s on the
-/// fixture input: the first sample alone, then three samples.
+/// Export `weights` to ONNX for the fixture's input size and compare tract's logits with
+/// `retrain forward`'s on the fixture input: the first sample alone, then three samples.
 fn check_family(weights: &Path, io: &Path) {
     let dir = tempdir();
     let model = dir.path().join("model.onnx");
     let ours = dir.path().join("ours.safetensors");
+    let (shape, input) = &read_safetensors(io)["input"];
     retrain_ok([
         "export".as_ref(),
         "--weights".as_ref(),
         weights.as_os_str(),
         "--out".as_ref(),
         model.as_os_str(),
+        "--image-size".as_ref(),
+        shape[2].to_string().as_ref(),
     ]);
     retrain_ok([
         "forward".as_ref(),
@@ -79,7 +84,6 @@ fn check_family(weights: &Path, io: &Path) {
         "--output".as_ref(),
         ours.as_os_str(),
     ]);
-    let (shape, input) = &read_safetensors(io)["input"];
     let (logit_shape, logits) = &read_safetensors(&ours)["logits"];
     let (pixels, classes) = (shape[1..].iter().product::<usize>(), logit_shape[1]);
     let scale = logits.iter().fold(1.0f32, |m, v| m.max(v.abs()));

@@ -213,3 +213,33 @@ fn vit_matches_pytorch() {
 fn vit_at_another_image_size_matches_pytorch_interpolate_embeddings() {
     check_forward(&fixture("vit_w128.pth"), "vit_w128_io48.safetensors", 1e-4);
 }
+
+/// At 56x56 the maps pad to whole windows, shift, and merge from an odd side.
+#[test]
+fn swin_matches_pytorch() {
+    check_forward(
+        &fixture("swin_t_w16.pth"),
+        "swin_t_w16_io.safetensors",
+        1e-4,
+    );
+}
+
+/// V2: cosine attention, the position-bias MLP, post-norm blocks.
+#[test]
+fn swin_v2_matches_pytorch() {
+    check_forward(
+        &fixture("swin_v2_t_w16.pth"),
+        "swin_v2_t_w16_io.safetensors",
+        1e-4,
+    );
+}
+
+/// The same weights at 64x64, where no map needs padding.
+#[test]
+fn swin_at_another_image_size_matches_pytorch() {
+    check_forward(
+        &fixture("swin_t_w16.pth"),
+        "swin_t_w16_io64.safetensors",
+        1e-4,
+    );
+}

@@ -35,7 +35,7 @@ RETRAIN = ROOT / "target" / "release" / "retrain"
 
 
 def family(arch: str) -> str:
-    for prefix in ("mobilenet_v3", "mobilenet_v2", "efficientnet", "convnext", "regnet", "vit"):
+    for prefix in ("mobilenet_v3", "mobilenet_v2", "efficientnet", "convnext", "regnet", "vit", "swin"):
         if arch.startswith(prefix):
             return prefix
     return "resnet"

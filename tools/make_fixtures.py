@@ -167,6 +167,40 @@ def narrow_vit(image_size: int, num_classes: int):
     return model
 
 
+def narrow_swin(v2: bool, num_classes: int):
+    """torchvision's Swin code at width 16 (16-wide heads, as swin_t's are 32), two blocks
+    per stage, and windows of 3 (V1) or 4 (V2), so that at 56x56 the maps pad to whole
+    windows, shift, merge from an odd side, and end smaller than a window. The position
+    biases, V2's temperatures and the head get values large enough to matter."""
+    from torchvision.models.swin_transformer import (PatchMergingV2, SwinTransformer,
+                                                     SwinTransformerBlockV2)
+    torch.manual_seed(14)
+    extra = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2, 2, 2],
+                            num_heads=[1, 2, 4, 8], window_size=[4, 4] if v2 else [3, 3],
+                            stochastic_depth_prob=0.2, num_classes=num_classes, **extra)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_(std=0.5)
+            elif name.endswith("logit_scale"):
+                p.add_(torch.randn_like(p) * 0.5)
+        model.head.weight.normal_(std=0.2)
+        model.head.bias.normal_(std=0.2)
+    return model
+
+
+def write_swin_other_size(model: nn.Module, new_size: int, seed: int):
+    """The fixture Swin at another image size (nothing to resample: the maps pad to whole
+    windows)."""
+    model.eval()
+    x = torch.randn(2, 3, new_size, new_size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        logits, emb = model(x), embed("swin", model, x)
+    save_file({"input": x, "logits": logits, "embedding": emb},
+              OUT / f"swin_t_w16_io{new_size}.safetensors")
+
+
 def write_vit_other_size(model: nn.Module, size: int, new_size: int, seed: int):
     """The fixture ViT at another image size, its position embeddings resampled by
     torchvision's `interpolate_embeddings`: what retrain must compute on the fly."""
@@ -188,6 +222,8 @@ def embed(arch: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         tokens = model._process_input(x)
         class_token = model.class_token.expand(tokens.shape[0], -1, -1)
         return model.encoder(torch.cat([class_token, tokens], dim=1))[:, 0].contiguous()
+    if arch == "swin":
+        return model.flatten(model.avgpool(model.permute(model.norm(model.features(x)))))
     if arch in ("mobilenet_v2", "efficientnet"):
         return F.adaptive_avg_pool2d(model.features(x), 1).flatten(1)
     if arch == "convnext":
@@ -316,6 +352,7 @@ TORCHVISION_ARCHS = [
     *[f"regnet_y_{s}" for s in ("400mf", "800mf", "1_6gf", "3_2gf", "8gf", "16gf", "32gf", "128gf")],
     *[f"regnet_x_{s}" for s in ("400mf", "800mf", "1_6gf", "3_2gf", "8gf", "16gf", "32gf")],
     "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14",
+    "swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b",
 ]
 
 
@@ -388,6 +425,13 @@ def main():
     write_parity("vit_w128", "vit", vit, 32, seed=12, legacy=False)
     write_named_modules("vit_w128", vit)
     write_vit_other_size(vit, 32, 48, seed=13)
+    swin = narrow_swin(False, 10)
+    write_parity("swin_t_w16", "swin", swin, 56, seed=15, legacy=False)
+    write_named_modules("swin_t_w16", swin)
+    write_swin_other_size(swin, 64, seed=16)
+    swin_v2 = narrow_swin(True, 10)
+    write_parity("swin_v2_t_w16", "swin", swin_v2, 56, seed=17, legacy=False)
+    write_named_modules("swin_v2_t_w16", swin_v2)
     write_reader_edge_cases(mbv2)
     write_imagenet_labels()
     write_torchvision_weights()

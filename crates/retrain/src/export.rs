@@ -12,8 +12,8 @@ use crate::load::torch_tensors;
 use crate::models::Model;
 use crate::output::write_atomic;
 
-/// The model's state dict as PyTorch orders and names it, `num_batches_tracked` included
-/// (which `load_state_dict(strict=True)` expects).
+/// The model's state dict as PyTorch names it, `num_batches_tracked` and the buffers that
+/// follow from the architecture included (which `load_state_dict(strict=True)` expects).
 pub fn state_dict(model: &Model) -> Vec<NamedTensor> {
     let mut out = Vec::new();
     for (name, shape, values) in torch_tensors(model) {
@@ -33,6 +33,7 @@ pub fn state_dict(model: &Model) -> Vec<NamedTensor> {
             });
         }
     }
+    out.extend(model.derived_buffers());
     out
 }
 

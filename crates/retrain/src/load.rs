@@ -47,7 +47,8 @@ pub struct LoadReport {
     pub unexpected: Vec<String>,
     /// Outside the head, present in both but with different shapes; left at random init.
     pub shape_mismatch: Vec<HeadChange>,
-    /// Buffers PyTorch keeps and retrain does not need (`num_batches_tracked`).
+    /// Buffers PyTorch keeps and retrain does not load: `num_batches_tracked`, and those
+    /// that follow from the architecture (Swin's relative-position index).
     pub ignored_buffers: Vec<String>,
     /// Loaded tensors holding NaN or infinite values.
     pub non_finite: Vec<NonFinite>,
@@ -148,7 +149,14 @@ impl fmt::Display for LoadReport {
         let ignored = if self.ignored_buffers.is_empty() {
             "none".to_string()
         } else {
-            format!("{} (num_batches_tracked)", self.ignored_buffers.len())
+            let mut kinds: Vec<&str> = self
+                .ignored_buffers
+                .iter()
+                .map(|n| n.rsplit('.').next().unwrap_or(n))
+                .collect();
+            kinds.sort_unstable();
+            kinds.dedup();
+            format!("{} ({})", self.ignored_buffers.len(), kinds.join(", "))
         };
         writeln!(f, "  {:<21}{ignored}", "ignored buffers:")?;
         let non_finite: Vec<String> = self
@@ -302,11 +310,16 @@ pub fn apply_state_dict(
             }
         }
     }
+    let derived: Vec<String> = model
+        .derived_buffers()
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
     for name in sd.keys() {
         if expected.iter().any(|(n, ..)| n == name) {
             continue;
         }
-        if name.ends_with("num_batches_tracked") {
+        if name.ends_with("num_batches_tracked") || derived.iter().any(|d| d == name) {
             report.ignored_buffers.push(name.to_string());
         } else {
             report.unexpected.push(name.to_string());

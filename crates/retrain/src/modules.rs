@@ -20,6 +20,8 @@ pub struct ParamInfo {
     pub numel: usize,
     /// False for buffers (BatchNorm running statistics) and frozen parameters.
     pub trainable: bool,
+    /// A buffer (`named_buffers()`), not a parameter.
+    pub buffer: bool,
 }
 
 /// One module of the tree, as `named_modules()` lists it.
@@ -144,6 +146,7 @@ impl ModuleVisitor for TreeBuilder<'_> {
             shape,
             name,
             trainable,
+            buffer: is_buffer,
         });
     }
 
@@ -184,16 +187,22 @@ pub fn named_modules(
             .iter_mut()
             .for_each(|p| p.name = torch_name(&p.name));
     }
+    for b in model.derived_buffers() {
+        let owner = b.name.rsplit_once('.').map_or("", |(m, _)| m);
+        if let Some(m) = modules.iter_mut().find(|m| m.name == owner) {
+            m.params.push(ParamInfo {
+                numel: b.shape.iter().product(),
+                shape: b.shape,
+                name: b.name,
+                trainable: false,
+                buffer: true,
+            });
+        }
+    }
     // Parameter totals per subtree (buffers excluded, as PyTorch's parameters()).
     let own: Vec<usize> = modules
         .iter()
-        .map(|m| {
-            m.params
-                .iter()
-                .filter(|p| !p.name.contains("running_"))
-                .map(|p| p.numel)
-                .sum()
-        })
+        .map(|m| m.params.iter().filter(|p| !p.buffer).map(|p| p.numel).sum())
         .collect();
     for i in 0..modules.len() {
         let prefix = format!("{}.", modules[i].name);
@@ -218,7 +227,7 @@ pub fn render(modules: &[ModuleInfo]) -> String {
     let (total, trainable) = modules
         .iter()
         .flat_map(|m| &m.params)
-        .filter(|p| !p.name.contains("running_"))
+        .filter(|p| !p.buffer)
         .fold((0, 0), |(t, tr), p| {
             (t + p.numel, tr + if p.trainable { p.numel } else { 0 })
         });
@@ -232,7 +241,7 @@ pub fn render(modules: &[ModuleInfo]) -> String {
             group(m.num_params)
         );
         for p in &m.params {
-            let flag = if p.name.contains("running_") {
+            let flag = if p.buffer {
                 "buffer"
             } else if p.trainable {
                 "trainable"

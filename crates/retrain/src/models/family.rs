@@ -14,6 +14,7 @@ use super::layers::global_avg_pool;
 use super::onnx_graph::{Graph, Value};
 use super::weights::Weights;
 use crate::checkpoint::StateDict;
+use crate::checkpoint::write::NamedTensor;
 use crate::error::Result;
 
 /// One family of networks, implemented by the network type itself (a burn module whose
@@ -99,6 +100,13 @@ pub trait Family: Module + Debug + Sized {
     /// Fold BatchNorm into the preceding convolutions, for inference only (the BatchNorm
     /// layers become identities).
     fn fold_batchnorm(&mut self);
+
+    /// Buffers PyTorch keeps that follow from the architecture alone (Swin's
+    /// relative-position index): not loaded, but listed in the module view and written on
+    /// export, so that `load_state_dict(strict=True)` finds them. Names are PyTorch's.
+    fn derived_buffers(&self) -> Vec<NamedTensor> {
+        Vec::new()
+    }
 
     /// Write the eval-mode network into an ONNX graph, as its forward pass computes it:
     /// the logits of `x`. Module names are burn paths (as for [`Self::torch_name`]).

@@ -13,6 +13,7 @@ pub mod mobilenet_v3;
 pub mod onnx_graph;
 pub mod regnet;
 pub mod resnet;
+pub mod swin;
 pub mod vit;
 pub mod weights;
 
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 pub use family::{Architecture, Detected, Family, FreezeGroup};
 
 use crate::checkpoint::StateDict;
+use crate::checkpoint::write::NamedTensor;
 use crate::error::Result;
 use crate::preprocess::Preprocess;
 use onnx_graph::{Graph, Value};
@@ -209,6 +211,13 @@ macro_rules! registry {
                 }
             }
 
+            /// The buffers that follow from the architecture (see [`Family::derived_buffers`]).
+            pub fn derived_buffers(&self) -> Vec<NamedTensor> {
+                match self {
+                    $(Model::$name(m) => m.derived_buffers(),)+
+                }
+            }
+
             /// The eval-mode network in an ONNX graph: the logits of `x` (see
             /// [`Family::onnx`]; [`crate::onnx::export_onnx`] folds BatchNorm first).
             pub fn onnx(&self, g: &mut Graph, x: &Value) -> Result<Value> {
@@ -228,6 +237,7 @@ registry! {
     ConvNeXt => convnext::ConvNeXt,
     RegNet => regnet::RegNet,
     VisionTransformer => vit::VisionTransformer,
+    SwinTransformer => swin::SwinTransformer,
     EfficientNetLite => efficientnet_lite::EfficientNetLite,
 }
 

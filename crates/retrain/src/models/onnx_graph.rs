@@ -357,6 +357,61 @@ impl Graph {
         self.op("Gather", scope, &[x, &index], attributes, x.rank - 1)
     }
 
+    /// `x` with `pads[axis]` zeros after the end of each axis.
+    pub fn pad_end(&mut self, scope: &str, x: &Value, pads: &[usize]) -> Value {
+        if pads.iter().all(|&p| p == 0) {
+            return x.clone();
+        }
+        let mut all = vec![0; pads.len()];
+        all.extend(ints(pads));
+        let pads = self.int64(&[all.len()], &all);
+        self.op("Pad", scope, &[x, &pads], vec![], x.rank)
+    }
+
+    /// The first `lens[i]` positions of each axis `axes[i]`.
+    pub fn crop(&mut self, scope: &str, x: &Value, axes: &[usize], lens: &[usize]) -> Value {
+        let starts = self.int64(&[axes.len()], &vec![0; axes.len()]);
+        let ends = self.int64(&[lens.len()], &ints(lens));
+        let axes = self.int64(&[axes.len()], &ints(axes));
+        self.op("Slice", scope, &[x, &starts, &ends, &axes], vec![], x.rank)
+    }
+
+    /// `torch.roll(x, -shift, axis)` for an axis of length `len`: position `shift` moves
+    /// to the front.
+    pub fn roll_left(
+        &mut self,
+        scope: &str,
+        x: &Value,
+        axis: usize,
+        shift: usize,
+        len: usize,
+    ) -> Value {
+        let shift = shift % len;
+        if shift == 0 {
+            return x.clone();
+        }
+        let mut slice = |start: usize, end: usize| {
+            let starts = self.int64(&[1], &[start as i64]);
+            let ends = self.int64(&[1], &[end as i64]);
+            let axes = self.int64(&[1], &[axis as i64]);
+            self.op("Slice", scope, &[x, &starts, &ends, &axes], vec![], x.rank)
+        };
+        let (tail, head) = (slice(shift, len), slice(0, shift));
+        self.concat(scope, &[&tail, &head], axis as i64)
+    }
+
+    /// `x` over its L2 norm along `axis`, the norm at least 1e-12 (`F.normalize`).
+    pub fn l2_normalize(&mut self, scope: &str, x: &Value, axis: i64) -> Value {
+        let attributes = vec![
+            attribute_ints("axes", &[axis]),
+            attribute_int("keepdims", 1),
+        ];
+        let norm = self.op("ReduceL2", scope, &[x], attributes, x.rank);
+        let eps = self.scalar(1e-12);
+        let norm = self.op("Max", scope, &[&norm, &eps], vec![], x.rank);
+        self.op("Div", scope, &[x, &norm], vec![], x.rank)
+    }
+
     /// Dimensions reordered (`Tensor.permute`).
     pub fn transpose(&mut self, scope: &str, perm: &[usize], x: &Value) -> Value {
         let attributes = vec![attribute_ints("perm", &ints(perm))];
