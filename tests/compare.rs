@@ -209,6 +209,57 @@ fn compare_runs_a_vit_at_another_image_size() {
     );
 }
 
+/// A Swin V2 through `compare` at 40x40, where every stage pads to whole windows and the
+/// merging halves odd sides: partial freezes the patch embedding and the first two
+/// stages, and the full regime trains V2's temperatures and position-bias MLP through the
+/// window attention.
+#[test]
+fn compare_runs_a_swin_v2_at_an_odd_image_size() {
+    let dir = tempdir();
+    let data = toy(dir.path(), 12);
+    let out = dir.path().join("cmp");
+    let weights = fixture("swin_v2_t_w16.pth");
+    let mut args = compare_args_at(&data, &out, &weights, "40");
+    args.extend([
+        std::ffi::OsStr::new("--regimes"),
+        "head,partial,full".as_ref(),
+    ]);
+    retrain_ok(args);
+    let summary = json(&out.join("summary.json"));
+    let regimes = summary["regimes"].as_array().unwrap();
+    for r in regimes {
+        assert_eq!(r["freeze_audit_passed"], true, "{}", r["regime"]);
+    }
+    assert_eq!(regimes[1]["freeze"], "features.0-4");
+    assert_eq!(regimes[0]["trainable_params"].as_u64(), Some(3 * 128 + 3));
+    let exported = dir.path().join("full.pth");
+    retrain_ok([
+        "export".as_ref(),
+        "--run".as_ref(),
+        out.join("full").as_os_str(),
+        "--out".as_ref(),
+        exported.as_os_str(),
+    ]);
+    let (trained, pretrained) = (
+        checkpoint::read(&exported, None).unwrap(),
+        checkpoint::read(&weights, None).unwrap(),
+    );
+    for name in [
+        "features.1.1.attn.logit_scale",
+        "features.7.1.attn.cpb_mlp.0.weight",
+        "features.5.0.attn.qkv.weight",
+    ] {
+        let (a, b) = (trained.get(name).unwrap(), pretrained.get(name).unwrap());
+        assert_eq!(a.shape, b.shape, "{name}");
+        assert_ne!(a.data, b.data, "{name} was trained");
+    }
+    let index = "features.3.1.attn.relative_position_index";
+    assert_eq!(
+        trained.get(index).unwrap().data,
+        pretrained.get(index).unwrap().data
+    );
+}
+
 #[test]
 fn regimes_can_be_chosen_with_a_custom_partial_spec() {
     let dir = tempdir();

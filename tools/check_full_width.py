@@ -70,7 +70,7 @@ def check_onnx(arch: str, tmp: Path) -> tuple:
 
     _, ckpt, x, want, ours = run_pytorch(arch, tmp)
     onnx_path = tmp / f"{arch}.onnx"
-    subprocess.run([RETRAIN, "export", "--weights", ckpt, "--out", onnx_path],
+    subprocess.run([RETRAIN, "export", "--weights", ckpt, "--out", onnx_path, "--image-size", "224"],
                    check=True, capture_output=True)
     ckpt.unlink()
     options = ort.SessionOptions()

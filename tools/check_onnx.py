@@ -37,6 +37,8 @@ CASES = [
     ("convnext_tiny_w8.pth", "convnext_tiny_w8_io.safetensors"),
     ("regnet_y_400mf_w025.pth", "regnet_y_400mf_w025_io.safetensors"),
     ("vit_w128.pth", "vit_w128_io.safetensors"),
+    ("swin_t_w16.pth", "swin_t_w16_io.safetensors"),
+    ("swin_v2_t_w16.pth", "swin_v2_t_w16_io.safetensors"),
 ]
 
 
@@ -45,9 +47,13 @@ def relative_diff(got, want):
 
 
 def check(retrain, weights, io, out_dir, extra=()):
+    """Export for the fixture's input size (ViT and Swin graphs hold for one size)."""
     onnx_path = out_dir / (weights.stem + "".join(extra) + ".onnx")
+    tensors = load_file(str(io))
+    size = str(tensors["input"].shape[2])
     subprocess.run(
-        [retrain, "export", "--weights", str(weights), "--out", str(onnx_path), "--with-softmax", *extra],
+        [retrain, "export", "--weights", str(weights), "--out", str(onnx_path), "--with-softmax",
+         "--image-size", size, *extra],
         check=True,
         capture_output=True,
     )
@@ -56,7 +62,6 @@ def check(retrain, weights, io, out_dir, extra=()):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    tensors = load_file(str(io))
     x, want = tensors["input"], tensors["logits"]
     diffs = []
     for batch in (x, x[:1], np.concatenate([x, x, x])[:3]):

@@ -877,6 +877,124 @@ fn batch_norm_grad_run(dy: &mut [f32], x: &[f32], k: f32, a: f32, b: f32) {
     }
 }
 
+/// Rows per unit of LayerNorm work, and per partial sum of its parameter gradients: the
+/// partials are added in row order whatever the thread count, so the gradients are the
+/// same bit for bit on any number of threads.
+const LAYER_NORM_BLOCK: usize = 32;
+
+/// LayerNorm over rows of `width`: `y = (x - mean) * rstd * gamma + beta`, with each row's
+/// mean and `rstd = 1 / sqrt(biased variance + eps)` returned for the backward pass (two
+/// passes over the row, as PyTorch's CPU kernel, not a running variance).
+pub fn layer_norm_forward(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f64,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let width = gamma.len();
+    let rows = x.len() / width;
+    let (mut y, mut mean, mut rstd) = (vec![0f32; x.len()], vec![0f32; rows], vec![0f32; rows]);
+    let block = LAYER_NORM_BLOCK * width;
+    y.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .zip(mean.par_chunks_mut(LAYER_NORM_BLOCK))
+        .zip(rstd.par_chunks_mut(LAYER_NORM_BLOCK))
+        .for_each(|(((y, x), mean), rstd)| {
+            for (i, (y, x)) in y.chunks_mut(width).zip(x.chunks(width)).enumerate() {
+                let m = sum_f32(x) / width as f32;
+                let var = centred_squares(x, m) / width as f32;
+                let r = (1.0 / (var as f64 + epsilon).sqrt()) as f32;
+                layer_norm_row(y, x, m, r, gamma, beta);
+                (mean[i], rstd[i]) = (m, r);
+            }
+        });
+    (y, mean, rstd)
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn layer_norm_row(y: &mut [f32], x: &[f32], mean: f32, rstd: f32, gamma: &[f32], beta: &[f32]) {
+    for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+        *y = (x - mean) * rstd * g + b;
+    }
+}
+
+/// LayerNorm backward. Writes the input gradient over `grad`,
+/// `dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))` with `g = dy * gamma`, and
+/// returns `(dgamma, dbeta) = (sum(dy * x_hat), sum(dy))` over the rows.
+pub fn layer_norm_backward_in_place(
+    x: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    grad: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let width = gamma.len();
+    let block = LAYER_NORM_BLOCK * width;
+    let blocks = x.len().div_ceil(block);
+    // Per block: dgamma then dbeta partials.
+    let mut partials = vec![0f32; blocks * 2 * width];
+    partials
+        .par_chunks_mut(2 * width)
+        .zip(grad.par_chunks_mut(block))
+        .zip(x.par_chunks(block))
+        .zip(
+            mean.par_chunks(LAYER_NORM_BLOCK)
+                .zip(rstd.par_chunks(LAYER_NORM_BLOCK)),
+        )
+        .for_each_init(Vec::new, |g, (((sums, dy), x), (mean, rstd))| {
+            let (dgamma, dbeta) = sums.split_at_mut(width);
+            g.resize(width, 0.0);
+            for (i, (dy, x)) in dy.chunks_mut(width).zip(x.chunks(width)).enumerate() {
+                layer_norm_grad_row(dy, x, mean[i], rstd[i], gamma, g, dgamma, dbeta);
+            }
+        });
+    let mut dgamma = vec![0f32; width];
+    let mut dbeta = vec![0f32; width];
+    for part in partials.chunks_exact(2 * width) {
+        let (pg, pb) = part.split_at(width);
+        dgamma.iter_mut().zip(pg).for_each(|(d, v)| *d += v);
+        dbeta.iter_mut().zip(pb).for_each(|(d, v)| *d += v);
+    }
+    (dgamma, dbeta)
+}
+
+/// One row of [`layer_norm_backward_in_place`]: adds the row's terms to `dgamma` and
+/// `dbeta`, then overwrites `dy` with the input gradient (`g` is scratch).
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn layer_norm_grad_row(
+    dy: &mut [f32],
+    x: &[f32],
+    mean: f32,
+    rstd: f32,
+    gamma: &[f32],
+    g: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let width = dy.len() as f32;
+    for (((g, &d), &gm), db) in g.iter_mut().zip(&*dy).zip(gamma).zip(dbeta.iter_mut()) {
+        *g = d * gm;
+        *db += d;
+    }
+    for ((dg, &d), &x) in dgamma.iter_mut().zip(&*dy).zip(x) {
+        *dg += d * (x - mean) * rstd;
+    }
+    let g_mean = sum16(g, g, |v, _| v) / width;
+    let gx_mean = sum16(g, x, |v, x| v * (x - mean)) * rstd / width;
+    for ((d, &g), &x) in dy.iter_mut().zip(&*g).zip(x) {
+        *d = rstd * (g - g_mean - (x - mean) * rstd * gx_mean);
+    }
+}
+
 /// Max pooling forward; padding never wins and NaN propagates, as in PyTorch.
 pub fn max_pool_forward(g: &ConvGeometry, x: &[f32]) -> Vec<f32> {
     let mut y = vec![f32::NEG_INFINITY; g.batch * g.cin * g.out_plane()];

@@ -77,6 +77,15 @@ pub trait Kernels: Backend {
         shift: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 
+    /// LayerNorm over the last dimension (f32 only: [`layer_norm`] routes other dtypes to
+    /// burn's composition); its backward keeps each row's mean and inverse deviation.
+    fn layer_norm_native(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self>;
+
     /// Train-mode BatchNorm: normalise with the batch statistics and return them.
     fn batch_norm_train_native(
         x: FloatTensor<Self>,
@@ -223,6 +232,15 @@ impl Kernels for Flex {
         let out = &mut y.storage_mut::<f32>()[..len];
         cpu::scale_shift_in_place(&layout, out, slice(&scale), slice(&shift));
         y
+    }
+
+    fn layer_norm_native(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+    ) -> FlexTensor {
+        layer_norm_forward(&x, &gamma, &beta, epsilon).0
     }
 
     fn batch_norm_train_native(
@@ -516,6 +534,68 @@ impl Backward<Flex, 3> for ChannelAffineBackward {
     }
 }
 
+/// The LayerNorm of f32 operands: the output, and each row's mean and inverse deviation.
+fn layer_norm_forward(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    epsilon: f64,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let [x, gamma, beta] =
+        [x, gamma, beta].map(|t| f32_view(t).expect("f32, as layer_norm checks"));
+    let (y, mean, rstd) = cpu::layer_norm_forward(slice(&x), slice(&gamma), slice(&beta), epsilon);
+    let rows = vec![mean.len()];
+    (
+        flex_tensor(y, x.shape().to_vec()),
+        flex_tensor(mean, rows.clone()),
+        flex_tensor(rstd, rows),
+    )
+}
+
+#[derive(Debug)]
+struct LayerNormBackward;
+
+#[derive(Debug, Clone)]
+struct LayerNormState {
+    x: FlexTensor,
+    gamma: FlexTensor,
+    mean: FlexTensor,
+    rstd: FlexTensor,
+}
+
+impl Backward<Flex, 3> for LayerNormBackward {
+    type State = LayerNormState;
+
+    fn backward(self, ops: Ops<LayerNormState, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let LayerNormState {
+            x,
+            gamma,
+            mean,
+            rstd,
+        } = ops.state;
+        let mut dx = into_owned_f32(grads.consume::<Flex>(&ops.node));
+        let len = dx.layout().num_elements();
+        let (dgamma, dbeta) = cpu::layer_norm_backward_in_place(
+            slice(&x),
+            slice(&gamma),
+            slice(&mean),
+            slice(&rstd),
+            &mut dx.storage_mut::<f32>()[..len],
+        );
+        let width = vec![dgamma.len()];
+        if let Some(node) = node_gamma {
+            grads.register::<Flex>(node.id, flex_tensor(dgamma, width.clone()));
+        }
+        if let Some(node) = node_beta {
+            grads.register::<Flex>(node.id, flex_tensor(dbeta, width));
+        }
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, dx);
+        }
+    }
+}
+
 #[derive(Debug)]
 struct BatchNormBackward;
 
@@ -689,6 +769,35 @@ impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
             output,
             mean: Self::from_inner(out.mean),
             variance: Self::from_inner(out.variance),
+        }
+    }
+
+    fn layer_norm_native(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        let prepared = LayerNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful();
+        let [x, gamma, beta] = [x, gamma, beta].map(|t| t.into_primitive());
+        let (y, mean, rstd) = layer_norm_forward(&x, &gamma, &beta, epsilon);
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let (x, gamma) = (f32_view(&x).expect("f32"), f32_view(&gamma).expect("f32"));
+                prep.finish(
+                    LayerNormState {
+                        x,
+                        gamma,
+                        mean,
+                        rstd,
+                    },
+                    y,
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
 
@@ -896,6 +1005,27 @@ pub fn batch_norm_eval<const D: usize>(
         x.into_dispatch(),
         scale.into_dispatch(),
         shift.into_dispatch(),
+    );
+    Tensor::from_dispatch(y)
+}
+
+/// LayerNorm over the last dimension through the native kernel on the CPU (f32): one pass
+/// for the statistics and one for the output, where burn's composition makes six, each
+/// with its own autodiff node and saved tensor.
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    epsilon: f64,
+) -> Tensor<D> {
+    if !on_flex(&x.device()) || x.dtype() != DType::F32 {
+        return burn::tensor::module::layer_norm(x, gamma, Some(beta), epsilon);
+    }
+    let y = <Dispatch as Kernels>::layer_norm_native(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        epsilon,
     );
     Tensor::from_dispatch(y)
 }
@@ -1166,6 +1296,44 @@ mod tests {
         }
     }
 
+    /// LayerNorm over the last dimension against burn's composition: output and all three
+    /// gradients, on a permuted (strided) input whose rows are neither a multiple of the
+    /// work block nor of the vector width.
+    #[test]
+    fn layer_norm_matches_generic() {
+        let device = Device::flex().autodiff();
+        let normal = |mean, std| Distribution::Normal(mean, std);
+        let x = Tensor::<4>::random([3, 21, 5, 7], normal(1.0, 2.0), &device);
+        let gamma = Tensor::<1>::random([21], normal(1.0, 0.5), &device);
+        let beta = Tensor::<1>::random([21], normal(0.0, 1.0), &device);
+        let run = |native: bool| {
+            let (x, gamma, beta) = (
+                x.clone().require_grad(),
+                gamma.clone().require_grad(),
+                beta.clone().require_grad(),
+            );
+            let nhwc = x.clone().permute([0, 2, 3, 1]);
+            let y = if native {
+                layer_norm(nhwc, gamma.clone(), beta.clone(), 1e-6)
+            } else {
+                burn::tensor::module::layer_norm(nhwc, gamma.clone(), Some(beta.clone()), 1e-6)
+            };
+            let seed_grad = Tensor::<4>::ones(y.dims(), &device).cumsum(3).sin();
+            let grads = (y.clone() * seed_grad).sum().backward();
+            let as4 = |t: Tensor<1>| t.reshape([1, 1, 1, -1]);
+            [
+                y,
+                x.grad(&grads).unwrap(),
+                as4(gamma.grad(&grads).unwrap()),
+                as4(beta.grad(&grads).unwrap()),
+            ]
+        };
+        let names = ["output", "input grad", "gamma grad", "beta grad"];
+        for ((name, ours), reference) in names.iter().zip(run(true)).zip(run(false)) {
+            assert_close(&format!("layer norm {name}"), ours, reference);
+        }
+    }
+
     /// An elementwise kernel's output and input gradient against burn's generic
     /// implementation, over the whole range its approximations clamp (large magnitudes
     /// included), to `1e-6` relative.
@@ -1239,7 +1407,7 @@ mod tests {
         // torch.nn.functional.relu6 backward: zero at and beyond both edges.
         assert_eq!(dx, [0.0, 0.0, 0.0, 4.0, 5.0, 0.0, 0.0, 8.0, 0.0]);
     }
-    /// Every gradient of a few convolutions and a train-mode BatchNorm, as bits, computed
+    /// Every gradient of a few convolutions, a train-mode BatchNorm and a LayerNorm, as bits, computed
     /// in a rayon pool of `threads` threads.
     fn gradient_bits(threads: usize) -> Vec<Vec<u32>> {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -1278,6 +1446,13 @@ mod tests {
             let grads = (y.clone() * y.clone().sin()).sum().backward();
             out.push(bits(x.grad(&grads).unwrap()));
             out.push(bits(gamma.grad(&grads).unwrap().reshape([1, 1, 1, -1])));
+            let gamma = Tensor::<1>::ones([6], &device).require_grad();
+            let beta = Tensor::<1>::zeros([6], &device).require_grad();
+            let y = layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-5);
+            let grads = (y.clone() * y.sin()).sum().backward();
+            out.push(bits(x.grad(&grads).unwrap()));
+            out.push(bits(gamma.grad(&grads).unwrap().reshape([1, 1, 1, -1])));
+            out.push(bits(beta.grad(&grads).unwrap().reshape([1, 1, 1, -1])));
             out
         })
     }

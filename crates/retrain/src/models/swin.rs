@@ -109,15 +109,17 @@ fn pad_end(x: Tensor<4>, dim: usize, to: usize) -> Tensor<4> {
 #[derive(Debug, Clone, Copy)]
 struct Windows {
     size: usize,
+    map: [usize; 2],
     padded: [usize; 2],
     shift: [usize; 2],
 }
 
 impl Windows {
-    fn new(size: usize, shift: usize, [h, w]: [usize; 2]) -> Self {
-        let padded = [h.div_ceil(size) * size, w.div_ceil(size) * size];
+    fn new(size: usize, shift: usize, map: [usize; 2]) -> Self {
+        let padded = map.map(|m| m.div_ceil(size) * size);
         Self {
             size,
+            map,
             padded,
             shift: padded.map(|p| if size >= p { 0 } else { shift }),
         }
@@ -161,22 +163,57 @@ impl Windows {
         mask
     }
 
-    /// `[N, H, W, C]` (padded and shifted) to windows of tokens `[N * windows, tokens, C]`.
+    /// The NHWC map `[N, h, w, C]` padded to whole windows, rolled by the shift, and cut
+    /// into windows of tokens `[N * windows, tokens, C]`.
     fn partition(&self, x: Tensor<4>) -> Tensor<3> {
-        let [n, h, w, c] = x.dims();
-        let ws = self.size;
-        x.reshape([n, h / ws, ws, w / ws, ws, c])
+        let ([ph, pw], [sy, sx], ws) = (self.padded, self.shift, self.size);
+        let x = pad_end(pad_end(x, 1, ph), 2, pw);
+        let x = roll_left(roll_left(x, sy, 1), sx, 2);
+        let [n, _, _, c] = x.dims();
+        x.reshape([n, ph / ws, ws, pw / ws, ws, c])
             .permute([0, 1, 3, 2, 4, 5])
             .reshape([n * self.count(), ws * ws, c])
     }
 
-    /// The inverse of [`Self::partition`].
-    fn merge(&self, x: Tensor<3>, n: usize) -> Tensor<4> {
+    /// The inverse of [`Self::partition`]: the windows of `n` maps put back, rolled back
+    /// and cropped.
+    fn reverse(&self, x: Tensor<3>, n: usize) -> Tensor<4> {
         let [_, _, c] = x.dims();
-        let ([h, w], ws) = (self.padded, self.size);
-        x.reshape([n, h / ws, w / ws, ws, ws, c])
+        let ([ph, pw], [sy, sx], ws) = (self.padded, self.shift, self.size);
+        let x = x
+            .reshape([n, ph / ws, pw / ws, ws, ws, c])
             .permute([0, 1, 3, 2, 4, 5])
-            .reshape([n, h, w, c])
+            .reshape([n, ph, pw, c]);
+        let x = roll_left(roll_left(x, ph - sy, 1), pw - sx, 2);
+        x.narrow(1, 0, self.map[0]).narrow(2, 0, self.map[1])
+    }
+
+    /// [`Self::partition`] in an ONNX graph, for `c` channels.
+    fn partition_onnx(&self, g: &mut Graph, scope: &str, x: &Value, c: usize) -> Value {
+        let ([ph, pw], [sy, sx], ws) = (self.padded, self.shift, self.size);
+        let x = g.pad_end(scope, x, &[0, ph - self.map[0], pw - self.map[1], 0]);
+        let x = g.roll_left(scope, &x, 1, sy, ph);
+        let x = g.roll_left(scope, &x, 2, sx, pw);
+        let grid = [ph / ws, ws, pw / ws, ws, c].map(|d| d as i64);
+        let x = g.reshape(scope, &x, &[&[-1], &grid[..]].concat());
+        let x = g.transpose(scope, &[0, 1, 3, 2, 4, 5], &x);
+        g.reshape(scope, &x, &[-1, self.tokens() as i64, c as i64])
+    }
+
+    /// [`Self::reverse`] in an ONNX graph.
+    fn reverse_onnx(&self, g: &mut Graph, scope: &str, x: &Value, c: usize) -> Value {
+        let ([ph, pw], [sy, sx], ws) = (self.padded, self.shift, self.size);
+        let grid = [ph / ws, pw / ws, ws, ws, c].map(|d| d as i64);
+        let x = g.reshape(scope, x, &[&[-1], &grid[..]].concat());
+        let x = g.transpose(scope, &[0, 1, 3, 2, 4, 5], &x);
+        let x = g.reshape(scope, &x, &[-1, ph as i64, pw as i64, c as i64]);
+        let x = g.roll_left(scope, &x, 1, ph - sy, ph);
+        let x = g.roll_left(scope, &x, 2, pw - sx, pw);
+        if self.padded == self.map {
+            x
+        } else {
+            g.crop(scope, &x, &[1, 2], &self.map)
+        }
     }
 }
 
@@ -377,60 +414,43 @@ impl WindowAttention {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [n, h, w, _] = x.dims();
         let windows = self.windows([h, w]);
-        let x = pad_end(pad_end(x, 1, windows.padded[0]), 2, windows.padded[1]);
-        let [sy, sx] = windows.shift;
-        let x = roll_left(roll_left(x, sy, 1), sx, 2);
         let bias = self.score_bias(&windows, &x.device());
         let y = self.attend(windows.partition(x), bias);
-        let [ph, pw] = windows.padded;
-        let y = windows.merge(y, n);
-        let y = roll_left(roll_left(y, ph - sy, 1), pw - sx, 2);
-        y.narrow(1, 0, h).narrow(2, 0, w)
+        windows.reverse(y, n)
     }
 
     /// The attention in an ONNX graph, for an NHWC value of map size `map`; the position
     /// bias and mask become constants.
     fn onnx(&self, g: &mut Graph, scope: &str, x: &Value, map: [usize; 2]) -> Result<Value> {
         let windows = self.windows(map);
-        let [ph, pw] = windows.padded;
         let c = self.proj.weight.dims()[0];
-        let (heads, dh, n, ws) = (
-            self.num_heads,
-            c / self.num_heads,
-            windows.tokens(),
-            windows.size,
-        );
-        let x = g.pad_end(scope, x, &[0, ph - map[0], pw - map[1], 0]);
-        let [sy, sx] = windows.shift;
-        let x = g.roll_left(scope, &x, 1, sy, ph);
-        let x = g.roll_left(scope, &x, 2, sx, pw);
-        let x = g.reshape(
-            scope,
-            &x,
-            &[
-                -1,
-                (ph / ws) as i64,
-                ws as i64,
-                (pw / ws) as i64,
-                ws as i64,
-                c as i64,
-            ],
-        );
-        let x = g.transpose(scope, &[0, 1, 3, 2, 4, 5], &x);
-        let x = g.reshape(scope, &x, &[-1, n as i64, c as i64]);
+        let x = windows.partition_onnx(g, scope, x, c);
+        let y = self.attend_onnx(g, scope, &x, &windows)?;
+        Ok(windows.reverse_onnx(g, scope, &y, c))
+    }
+
+    /// [`Self::attend`] in an ONNX graph, on windows of tokens.
+    fn attend_onnx(
+        &self,
+        g: &mut Graph,
+        scope: &str,
+        x: &Value,
+        windows: &Windows,
+    ) -> Result<Value> {
+        let c = self.proj.weight.dims()[0];
+        let (heads, n) = (self.num_heads, windows.tokens());
+        let dh = c / heads;
         let mut qkv = self.qkv.clone();
         qkv.bias = self.qkv_bias().map(Param::from_tensor);
-        let qkv = g.linear(&child(scope, "qkv"), &qkv, &x)?;
+        let qkv = g.linear(&child(scope, "qkv"), &qkv, x)?;
         let [q, k, v] = g.split_last::<3>(scope, &qkv);
         let per_head = |g: &mut Graph, t: &Value, perm: [usize; 4]| {
             let t = g.reshape(scope, t, &[0, 0, heads as i64, dh as i64]);
             g.transpose(scope, &perm, &t)
         };
-        let (q, k, v) = (
-            per_head(g, &q, [0, 2, 1, 3]),
-            per_head(g, &k, [0, 2, 3, 1]),
-            per_head(g, &v, [0, 2, 1, 3]),
-        );
+        let q = per_head(g, &q, [0, 2, 1, 3]);
+        let k = per_head(g, &k, [0, 2, 3, 1]);
+        let v = per_head(g, &v, [0, 2, 1, 3]);
         let scores = match &self.logit_scale {
             None => {
                 let scale = g.scalar((dh as f64).powf(-0.5) as f32);
@@ -446,42 +466,18 @@ impl WindowAttention {
                 g.mul(scope, &scores, &scale)
             }
         };
-        let bias = self.score_bias(&windows, &self.proj.weight.device());
+        let bias = self.score_bias(windows, &self.proj.weight.device());
         let [count, ..] = bias.dims();
         let bias = g.weight(scope, "score_bias", bias)?;
-        let scores = g.reshape(
-            scope,
-            &scores,
-            &[-1, count as i64, heads as i64, n as i64, n as i64],
-        );
+        let (heads, n) = (heads as i64, n as i64);
+        let scores = g.reshape(scope, &scores, &[-1, count as i64, heads, n, n]);
         let scores = g.add(scope, &scores, &bias);
-        let scores = g.reshape(scope, &scores, &[-1, heads as i64, n as i64, n as i64]);
+        let scores = g.reshape(scope, &scores, &[-1, heads, n, n]);
         let weights = g.softmax_last(scope, &scores);
         let y = g.matmul(scope, &weights, &v);
         let y = g.transpose(scope, &[0, 2, 1, 3], &y);
         let y = g.reshape(scope, &y, &[0, 0, c as i64]);
-        let y = g.linear(&child(scope, "proj"), &self.proj, &y)?;
-        let y = g.reshape(
-            scope,
-            &y,
-            &[
-                -1,
-                (ph / ws) as i64,
-                (pw / ws) as i64,
-                ws as i64,
-                ws as i64,
-                c as i64,
-            ],
-        );
-        let y = g.transpose(scope, &[0, 1, 3, 2, 4, 5], &y);
-        let y = g.reshape(scope, &y, &[-1, ph as i64, pw as i64, c as i64]);
-        let y = g.roll_left(scope, &y, 1, ph - sy, ph);
-        let y = g.roll_left(scope, &y, 2, pw - sx, pw);
-        Ok(if windows.padded == map {
-            y
-        } else {
-            g.crop(scope, &y, &[1, 2], &map)
-        })
+        g.linear(&child(scope, "proj"), &self.proj, &y)
     }
 
     /// The bias the query/key/value projection adds (V2's without the key part).
@@ -517,9 +513,11 @@ impl WindowAttention {
     }
 }
 
-/// `x` over its last dimension's L2 norm (at least 1e-12), as `F.normalize`.
+/// `x` over its last dimension's L2 norm (at least 1e-12), as `F.normalize`. The floor
+/// is taken on the squared norm, before the square root: a zero vector (a padded token's
+/// key, V2 having no key bias) would otherwise send 0 / 0 back through the root.
 fn l2_normalize(x: Tensor<4>) -> Tensor<4> {
-    let norm = (x.clone() * x.clone()).sum_dim(3).sqrt().clamp_min(1e-12);
+    let norm = (x.clone() * x.clone()).sum_dim(3).clamp_min(1e-24).sqrt();
     x / norm
 }
 
@@ -699,6 +697,7 @@ pub struct SwinTransformer {
     features: Vec<Feature>,
     norm: LayerNorm,
     head: Linear,
+    patch_size: usize,
 }
 
 impl SwinTransformer {
@@ -750,6 +749,7 @@ impl SwinTransformer {
             features,
             norm: layer_norm(last, EPS, device),
             head: head(last, num_classes, device),
+            patch_size: p,
         }
     }
 
@@ -1034,14 +1034,7 @@ impl Family for SwinTransformer {
             let scope = format!("features.{i}");
             x = match f {
                 Feature::Layer(layer) => {
-                    let Layer::Sequential(embed) = layer else {
-                        unreachable!("the patch embedding is a Sequential")
-                    };
-                    let Some(Layer::Conv2d(conv)) = embed.first() else {
-                        unreachable!("the patch embedding starts with its conv")
-                    };
-                    let p = conv.weight.dims()[2];
-                    map = map.map(|m| m / p);
+                    map = map.map(|m| m / self.patch_size);
                     layer.onnx(g, &scope, &x)?
                 }
                 Feature::Sequential(blocks) => {
