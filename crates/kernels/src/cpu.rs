@@ -305,14 +305,14 @@ fn depthwise_plane_weight_grad(
 
 /// A row-major or transposed view of a matrix for [`matmul`].
 #[derive(Clone, Copy)]
-struct MatRef<'a> {
+pub(crate) struct MatRef<'a> {
     data: &'a [f32],
     row_stride: isize,
     col_stride: isize,
 }
 
 impl<'a> MatRef<'a> {
-    fn rows(data: &'a [f32], cols: usize) -> Self {
+    pub(crate) fn rows(data: &'a [f32], cols: usize) -> Self {
         Self {
             data,
             row_stride: cols as isize,
@@ -321,7 +321,7 @@ impl<'a> MatRef<'a> {
     }
 
     /// The transpose of a row-major matrix with `cols` columns.
-    fn transposed(data: &'a [f32], cols: usize) -> Self {
+    pub(crate) fn transposed(data: &'a [f32], cols: usize) -> Self {
         Self {
             data,
             row_stride: 1,
@@ -332,7 +332,7 @@ impl<'a> MatRef<'a> {
 
 /// `out[m, n] (+)= a[m, k] * b[k, n]`, `out` row-major. Single-threaded: callers split
 /// their work over images.
-fn matmul(
+pub(crate) fn matmul(
     out: &mut [f32],
     a: MatRef,
     b: MatRef,
@@ -642,6 +642,48 @@ fn silu_grad_chunk(input: &[f32], grad: &mut [f32]) {
     }
 }
 
+/// `x * relu6(x + 3) / 6` in place.
+pub fn hardswish_in_place(x: &mut [f32]) {
+    x.par_chunks_mut(1 << 14).for_each(hardswish_chunk);
+}
+
+/// The hardswish gradient, PyTorch's: 0 below -3, `x / 3 + 1 / 2` from -3 to 3 (both
+/// included), 1 above; multiplied into `grad`.
+pub fn hardswish_backward_in_place(input: &[f32], grad: &mut [f32]) {
+    grad.par_chunks_mut(1 << 14)
+        .zip(input.par_chunks(1 << 14))
+        .for_each(|(d, x)| hardswish_grad_chunk(x, d));
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn hardswish_chunk(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v *= (*v + 3.0).clamp(0.0, 6.0) / 6.0;
+    }
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn hardswish_grad_chunk(input: &[f32], grad: &mut [f32]) {
+    for (d, &x) in grad.iter_mut().zip(input) {
+        let slope = if x < -3.0 {
+            0.0
+        } else if x <= 3.0 {
+            x / 3.0 + 0.5
+        } else {
+            1.0
+        };
+        *d *= slope;
+    }
+}
+
 /// Exact GELU `x * Φ(x)` in place, `Φ(x) = (1 + erf(x / sqrt 2)) / 2`.
 pub fn gelu_in_place(x: &mut [f32]) {
     x.par_chunks_mut(1 << 14).for_each(gelu_chunk);
@@ -700,7 +742,7 @@ fn normal_cdf(x: f32) -> f32 {
 /// polynomial for `exp(r)`, `2^n` through the exponent bits; the input is clamped to where
 /// the result stays finite and normal.
 #[inline(always)]
-fn exp_approx(x: f32) -> f32 {
+pub(crate) fn exp_approx(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.0, 88.0);

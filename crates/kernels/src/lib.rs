@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+mod attention;
 mod cpu;
 
 use burn::backend::TensorMetadata;
@@ -18,7 +19,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::{ActivationOps, BoolTensorOps, ConvOptions, FloatTensorOps, ModuleOps};
+use burn::backend::ops::{BoolTensorOps, ConvOptions, FloatTensorOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
     Autodiff, AutodiffBackend, Backend, Dispatch, DispatchDevice, ExtensionType, Flex,
@@ -30,6 +31,7 @@ use burn::nn::pool::MaxPool2d;
 use burn::prelude::*;
 use burn::tensor::{BoolStore, DType};
 
+use attention::AttentionShape;
 use cpu::ConvGeometry;
 
 /// Operations with native CPU kernels (see the module documentation).
@@ -54,12 +56,9 @@ pub trait Kernels: Backend {
     /// `min(max(x, 0), 6)` in one pass; its backward needs only the output.
     fn relu6_native(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
-    /// SiLU, `x * sigmoid(x)`, in one vectorised pass; its backward needs the input.
-    fn silu_native(x: FloatTensor<Self>) -> FloatTensor<Self>;
-
-    /// Exact GELU, `x * (1 + erf(x / sqrt 2)) / 2`, in one vectorised pass; its backward
-    /// needs the input.
-    fn gelu_native(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// An [`Activation`] in one vectorised pass over f32 (the public functions route other
+    /// dtypes to burn); its backward needs the input.
+    fn activation_native(x: FloatTensor<Self>, op: Activation) -> FloatTensor<Self>;
 
     /// Max pooling without the index tensor burn-flex computes even at inference.
     fn max_pool2d_native(
@@ -84,6 +83,16 @@ pub trait Kernels: Backend {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
+    ) -> FloatTensor<Self>;
+
+    /// `softmax(q k^T * scale) v` over the last two dimensions of `[batch, heads, seq,
+    /// dim]` f32 tensors ([`attention`] routes others to burn), in blocks of queries; the
+    /// backward recomputes the probabilities instead of keeping them.
+    fn attention_native(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
     ) -> FloatTensor<Self>;
 
     /// Train-mode BatchNorm: normalise with the batch statistics and return them.
@@ -174,24 +183,10 @@ impl Kernels for Flex {
         y
     }
 
-    fn silu_native(x: FlexTensor) -> FlexTensor {
-        if x.dtype() != DType::F32 {
-            let sigmoid = Flex::sigmoid(x.clone());
-            return Flex::float_mul(x, sigmoid);
-        }
+    fn activation_native(x: FlexTensor, op: Activation) -> FlexTensor {
         let mut y = into_owned_f32(x);
         let len = y.layout().num_elements();
-        cpu::silu_in_place(&mut y.storage_mut::<f32>()[..len]);
-        y
-    }
-
-    fn gelu_native(x: FlexTensor) -> FlexTensor {
-        if x.dtype() != DType::F32 {
-            return Flex::gelu(x);
-        }
-        let mut y = into_owned_f32(x);
-        let len = y.layout().num_elements();
-        cpu::gelu_in_place(&mut y.storage_mut::<f32>()[..len]);
+        op.forward_in_place(&mut y.storage_mut::<f32>()[..len]);
         y
     }
 
@@ -241,6 +236,10 @@ impl Kernels for Flex {
         epsilon: f64,
     ) -> FlexTensor {
         layer_norm_forward(&x, &gamma, &beta, epsilon).0
+    }
+
+    fn attention_native(q: FlexTensor, k: FlexTensor, v: FlexTensor, scale: f32) -> FlexTensor {
+        attention_forward(&q, &k, &v, scale).0
     }
 
     fn batch_norm_train_native(
@@ -376,64 +375,51 @@ impl Backward<Flex, 2> for Conv2dBackward {
     }
 }
 
-#[derive(Debug)]
-struct SiluBackward;
+/// The elementwise activations with native kernels: one pass forward, and a backward from
+/// the input alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x * sigmoid(x)`.
+    Silu,
+    /// Exact GELU, `x * (1 + erf(x / sqrt 2)) / 2`.
+    Gelu,
+    /// `x * relu6(x + 3) / 6`.
+    Hardswish,
+}
 
-impl Backward<Flex, 1> for SiluBackward {
+impl Activation {
+    fn forward_in_place(self, x: &mut [f32]) {
+        match self {
+            Activation::Silu => cpu::silu_in_place(x),
+            Activation::Gelu => cpu::gelu_in_place(x),
+            Activation::Hardswish => cpu::hardswish_in_place(x),
+        }
+    }
+
+    /// Multiplies the derivative at `input` into `grad`.
+    fn backward_in_place(self, input: &[f32], grad: &mut [f32]) {
+        match self {
+            Activation::Silu => cpu::silu_backward_in_place(input, grad),
+            Activation::Gelu => cpu::gelu_backward_in_place(input, grad),
+            Activation::Hardswish => cpu::hardswish_backward_in_place(input, grad),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ActivationBackward(Activation);
+
+impl Backward<Flex, 1> for ActivationBackward {
     type State = FlexTensor;
 
     fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
-            elementwise_grad(
-                ops.state,
-                grad,
-                cpu::silu_backward_in_place,
-                |input, grad| {
-                    // s * (1 + x * (1 - s)), with s = sigmoid(x).
-                    let s = Flex::sigmoid(input.clone());
-                    let one_minus = Flex::float_add_scalar(Flex::float_neg(s.clone()), 1f32.into());
-                    let inner =
-                        Flex::float_add_scalar(Flex::float_mul(input, one_minus), 1f32.into());
-                    Flex::float_mul(grad, Flex::float_mul(s, inner))
-                },
-            )
-        });
-    }
-}
-
-/// The input gradient of an elementwise op from its input: `native` multiplies the
-/// derivative into the gradient in place for f32, `generic` computes it otherwise.
-fn elementwise_grad(
-    input: FlexTensor,
-    grad: FlexTensor,
-    native: fn(&[f32], &mut [f32]),
-    generic: impl FnOnce(FlexTensor, FlexTensor) -> FlexTensor,
-) -> FlexTensor {
-    match f32_view(&input) {
-        Some(x) if grad.dtype() == DType::F32 => {
+            let input = f32_view(&ops.state).expect("f32, as the forward was");
             let mut dx = into_owned_f32(grad);
             let len = dx.layout().num_elements();
-            native(slice(&x), &mut dx.storage_mut::<f32>()[..len]);
+            self.0
+                .backward_in_place(slice(&input), &mut dx.storage_mut::<f32>()[..len]);
             dx
-        }
-        _ => generic(input, grad),
-    }
-}
-
-#[derive(Debug)]
-struct GeluBackward;
-
-impl Backward<Flex, 1> for GeluBackward {
-    type State = FlexTensor;
-
-    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
-            elementwise_grad(
-                ops.state,
-                grad,
-                cpu::gelu_backward_in_place,
-                Flex::gelu_backward,
-            )
         });
     }
 }
@@ -592,6 +578,86 @@ impl Backward<Flex, 3> for LayerNormBackward {
         }
         if let Some(node) = node_x {
             grads.register::<Flex>(node.id, dx);
+        }
+    }
+}
+
+/// The shapes of `[batch, heads, seq, dim]` operands.
+fn attention_shape(q: &FlexTensor, scale: f32) -> AttentionShape {
+    let [batch, heads, seq, dim] = dims4(q);
+    AttentionShape {
+        heads: batch * heads,
+        seq,
+        dim,
+        scale,
+    }
+}
+
+/// Attention of f32 operands: the output, and what its backward keeps (the contiguous
+/// operands and each row's log-sum-exp).
+fn attention_forward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    scale: f32,
+) -> (FlexTensor, AttentionState) {
+    let [q, k, v] = [q, k, v].map(|t| f32_view(t).expect("f32, as attention checks"));
+    let shape = attention_shape(&q, scale);
+    let (out, lse) = attention::attention_forward(shape, slice(&q), slice(&k), slice(&v));
+    let out = flex_tensor(out, q.shape().to_vec());
+    let lse = flex_tensor(lse, vec![shape.heads * shape.seq]);
+    let state = AttentionState {
+        q,
+        k,
+        v,
+        out: out.clone(),
+        lse,
+        scale,
+    };
+    (out, state)
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+#[derive(Debug, Clone)]
+struct AttentionState {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    out: FlexTensor,
+    lse: FlexTensor,
+    scale: f32,
+}
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<AttentionState, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = f32_view(&grads.consume::<Flex>(&ops.node)).expect("f32");
+        let AttentionState {
+            q,
+            k,
+            v,
+            out,
+            lse,
+            scale,
+        } = ops.state;
+        let shape = attention_shape(&q, scale);
+        let (dq, dk, dv) = attention::attention_backward(
+            shape,
+            slice(&q),
+            slice(&k),
+            slice(&v),
+            slice(&out),
+            slice(&lse),
+            slice(&grad),
+        );
+        let dims = q.shape().to_vec();
+        for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, flex_tensor(g, dims.clone()));
+            }
         }
     }
 }
@@ -801,6 +867,24 @@ impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
         }
     }
 
+    fn attention_native(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        let prepared = AttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful();
+        let [q, k, v] = [q, k, v].map(|t| t.into_primitive());
+        let (y, state) = attention_forward(&q, &k, &v, scale);
+        match prepared {
+            OpsKind::Tracked(prep) => prep.finish(state, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
     /// Differentiated as the bias-free convolution plus burn's own broadcast addition.
     fn conv2d_native_bias(
         x: FloatTensor<Self>,
@@ -852,33 +936,20 @@ impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
         }
     }
 
-    fn silu_native(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        match SiluBackward
+    fn activation_native(x: FloatTensor<Self>, op: Activation) -> FloatTensor<Self> {
+        match ActivationBackward(op)
             .prepare::<C>([x.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
                 let input = x.into_primitive();
-                let y = Flex::silu_native(input.clone());
+                let y = Flex::activation_native(input.clone(), op);
                 prep.finish(input, y)
             }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::silu_native(x.into_primitive())),
-        }
-    }
-
-    fn gelu_native(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        match GeluBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let input = x.into_primitive();
-                let y = Flex::gelu_native(input.clone());
-                prep.finish(input, y)
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::activation_native(x.into_primitive(), op))
             }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::gelu_native(x.into_primitive())),
         }
     }
 }
@@ -1030,6 +1101,22 @@ pub fn layer_norm<const D: usize>(
     Tensor::from_dispatch(y)
 }
 
+/// `softmax(q k^T * scale) v` over `[batch, heads, seq, dim]` through the native blocked
+/// kernel on the CPU (f32), burn's matmuls and softmax otherwise.
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f32) -> Tensor<4> {
+    if !on_flex(&q.device()) || q.dtype() != DType::F32 {
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        return burn::tensor::activation::softmax(scores, 3).matmul(v);
+    }
+    let y = <Dispatch as Kernels>::attention_native(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        scale,
+    );
+    Tensor::from_dispatch(y)
+}
+
 /// ReLU6 through the native kernel on the CPU.
 pub fn relu6<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if !on_flex(&x.device()) {
@@ -1038,22 +1125,41 @@ pub fn relu6<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as Kernels>::relu6_native(x.into_dispatch()))
 }
 
+/// `op` through its native kernel on the CPU for f32, `generic` (burn's) otherwise.
+fn activation<const D: usize>(
+    x: Tensor<D>,
+    op: Activation,
+    generic: fn(Tensor<D>) -> Tensor<D>,
+) -> Tensor<D> {
+    if !on_flex(&x.device()) || x.dtype() != DType::F32 {
+        return generic(x);
+    }
+    Tensor::from_dispatch(<Dispatch as Kernels>::activation_native(
+        x.into_dispatch(),
+        op,
+    ))
+}
+
 /// SiLU (swish) through the native kernel on the CPU: burn-flex's generic sigmoid calls a
 /// scalar `expf` per element, which profiles at half of EfficientNet's inference time.
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if !on_flex(&x.device()) {
-        return burn::tensor::activation::silu(x);
-    }
-    Tensor::from_dispatch(<Dispatch as Kernels>::silu_native(x.into_dispatch()))
+    activation(x, Activation::Silu, burn::tensor::activation::silu)
 }
 
 /// Exact GELU through the native kernel on the CPU: burn-flex's generic one calls a scalar
 /// `erff` per element, 13% of ConvNeXt-Tiny's inference time.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if !on_flex(&x.device()) {
-        return burn::tensor::activation::gelu(x);
-    }
-    Tensor::from_dispatch(<Dispatch as Kernels>::gelu_native(x.into_dispatch()))
+    activation(x, Activation::Gelu, burn::tensor::activation::gelu)
+}
+
+/// Hardswish through the native kernel on the CPU: burn's is four elementwise passes, each
+/// with its own autodiff node (MobileNetV3 runs it on most feature maps).
+pub fn hardswish<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    activation(
+        x,
+        Activation::Hardswish,
+        burn::tensor::activation::hard_swish,
+    )
 }
 
 #[cfg(test)]
@@ -1334,6 +1440,48 @@ mod tests {
         }
     }
 
+    /// Blocked attention against burn's matmuls and softmax: output and the three
+    /// gradients, with a sequence longer than one block and not a multiple of it, on
+    /// strided (transposed) operands as a model passes them.
+    #[test]
+    fn attention_matches_generic() {
+        let device = Device::flex().autodiff();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let qkv = |seed| {
+            device.seed(seed);
+            Tensor::<4>::random([2, 70, 3, 8], normal, &device)
+        };
+        let (q, k, v) = (qkv(1), qkv(2), qkv(3));
+        let run = |native: bool| {
+            let (q, k, v) = (
+                q.clone().require_grad(),
+                k.clone().require_grad(),
+                v.clone().require_grad(),
+            );
+            let heads = |t: &Tensor<4>| t.clone().swap_dims(1, 2);
+            let (qh, kh, vh) = (heads(&q), heads(&k), heads(&v));
+            let scale = 8f32.powf(-0.5);
+            let y = if native {
+                attention(qh, kh, vh, scale)
+            } else {
+                let scores = qh.matmul(kh.swap_dims(2, 3)).mul_scalar(scale);
+                burn::tensor::activation::softmax(scores, 3).matmul(vh)
+            };
+            let seed_grad = Tensor::<4>::ones(y.dims(), &device).cumsum(3).sin();
+            let grads = (y.clone() * seed_grad).sum().backward();
+            [
+                y,
+                q.grad(&grads).unwrap(),
+                k.grad(&grads).unwrap(),
+                v.grad(&grads).unwrap(),
+            ]
+        };
+        let names = ["output", "query grad", "key grad", "value grad"];
+        for ((name, ours), reference) in names.iter().zip(run(true)).zip(run(false)) {
+            assert_close(&format!("attention {name}"), ours, reference);
+        }
+    }
+
     /// An elementwise kernel's output and input gradient against burn's generic
     /// implementation, over the whole range its approximations clamp (large magnitudes
     /// included), to `1e-6` relative.
@@ -1387,6 +1535,18 @@ mod tests {
         check_elementwise("gelu", gelu, burn::tensor::activation::gelu);
     }
 
+    /// Including the kinks at -3 and 3, where PyTorch's gradient is -0.5 and 1.5 (the
+    /// middle piece's, closed at both ends).
+    #[test]
+    fn hardswish_matches_the_generic_implementation_and_pytorchs_kinks() {
+        check_elementwise("hardswish", hardswish, burn::tensor::activation::hard_swish);
+        let device = Device::flex().autodiff();
+        let x = Tensor::<1>::from_floats([-4.0, -3.0, 0.0, 3.0, 4.0], &device).require_grad();
+        let grads = hardswish(x.clone()).sum().backward();
+        let dx: Vec<f32> = x.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+        assert_eq!(dx, [0.0, -0.5, 0.5, 1.5, 1.0]);
+    }
+
     #[test]
     fn relu6_matches_pytorch_hardtanh() {
         let device = Device::flex().autodiff();
@@ -1407,7 +1567,8 @@ mod tests {
         // torch.nn.functional.relu6 backward: zero at and beyond both edges.
         assert_eq!(dx, [0.0, 0.0, 0.0, 4.0, 5.0, 0.0, 0.0, 8.0, 0.0]);
     }
-    /// Every gradient of a few convolutions, a train-mode BatchNorm and a LayerNorm, as bits, computed
+    /// Every gradient of a few convolutions, a train-mode BatchNorm, a LayerNorm and an
+    /// attention, as bits, computed
     /// in a rayon pool of `threads` threads.
     fn gradient_bits(threads: usize) -> Vec<Vec<u32>> {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -1453,6 +1614,16 @@ mod tests {
             out.push(bits(x.grad(&grads).unwrap()));
             out.push(bits(gamma.grad(&grads).unwrap().reshape([1, 1, 1, -1])));
             out.push(bits(beta.grad(&grads).unwrap().reshape([1, 1, 1, -1])));
+            let (q, k, v) = (
+                values([2, 3, 70, 8], 0.2),
+                values([2, 3, 70, 8], 0.5),
+                values([2, 3, 70, 8], 0.9),
+            );
+            let y = attention(q.clone(), k.clone(), v.clone(), 0.35);
+            let grads = (y.clone() * y).sum().backward();
+            for t in [q, k, v] {
+                out.push(bits(t.grad(&grads).unwrap()));
+            }
             out
         })
     }

@@ -34,47 +34,94 @@ pub enum Table {
     V2L,
 }
 
-/// One stage: (fused, expansion ratio, kernel, first stride, input channels, output
-/// channels, blocks), torchvision's `MBConvConfig` / `FusedMBConvConfig` arguments.
-type Stage = (bool, usize, usize, usize, usize, usize, usize);
+/// One stage, torchvision's `MBConvConfig` / `FusedMBConvConfig` arguments (channels
+/// before the width multiplier, blocks before the depth multiplier).
+#[derive(Debug, Clone, Copy)]
+struct Stage {
+    /// FusedMBConv (one full convolution in place of expansion and depthwise).
+    fused: bool,
+    /// Expansion ratio.
+    expand: usize,
+    kernel: usize,
+    /// Stride of the first block.
+    stride: usize,
+    cin: usize,
+    cout: usize,
+    blocks: usize,
+}
+
+/// An MBConv stage row, in torchvision's argument order.
+const fn mb(
+    expand: usize,
+    kernel: usize,
+    stride: usize,
+    cin: usize,
+    cout: usize,
+    blocks: usize,
+) -> Stage {
+    Stage {
+        fused: false,
+        expand,
+        kernel,
+        stride,
+        cin,
+        cout,
+        blocks,
+    }
+}
+
+/// A FusedMBConv stage row.
+const fn fused(
+    expand: usize,
+    kernel: usize,
+    stride: usize,
+    cin: usize,
+    cout: usize,
+    blocks: usize,
+) -> Stage {
+    Stage {
+        fused: true,
+        ..mb(expand, kernel, stride, cin, cout, blocks)
+    }
+}
 
 const B: &[Stage] = &[
-    (false, 1, 3, 1, 32, 16, 1),
-    (false, 6, 3, 2, 16, 24, 2),
-    (false, 6, 5, 2, 24, 40, 2),
-    (false, 6, 3, 2, 40, 80, 3),
-    (false, 6, 5, 1, 80, 112, 3),
-    (false, 6, 5, 2, 112, 192, 4),
-    (false, 6, 3, 1, 192, 320, 1),
+    mb(1, 3, 1, 32, 16, 1),
+    mb(6, 3, 2, 16, 24, 2),
+    mb(6, 5, 2, 24, 40, 2),
+    mb(6, 3, 2, 40, 80, 3),
+    mb(6, 5, 1, 80, 112, 3),
+    mb(6, 5, 2, 112, 192, 4),
+    mb(6, 3, 1, 192, 320, 1),
 ];
 
 const V2_S: &[Stage] = &[
-    (true, 1, 3, 1, 24, 24, 2),
-    (true, 4, 3, 2, 24, 48, 4),
-    (true, 4, 3, 2, 48, 64, 4),
-    (false, 4, 3, 2, 64, 128, 6),
-    (false, 6, 3, 1, 128, 160, 9),
-    (false, 6, 3, 2, 160, 256, 15),
+    fused(1, 3, 1, 24, 24, 2),
+    fused(4, 3, 2, 24, 48, 4),
+    fused(4, 3, 2, 48, 64, 4),
+    mb(4, 3, 2, 64, 128, 6),
+    mb(6, 3, 1, 128, 160, 9),
+    mb(6, 3, 2, 160, 256, 15),
 ];
 
 const V2_M: &[Stage] = &[
-    (true, 1, 3, 1, 24, 24, 3),
-    (true, 4, 3, 2, 24, 48, 5),
-    (true, 4, 3, 2, 48, 80, 5),
-    (false, 4, 3, 2, 80, 160, 7),
-    (false, 6, 3, 1, 160, 176, 14),
-    (false, 6, 3, 2, 176, 304, 18),
-    (false, 6, 3, 1, 304, 512, 5),
+    fused(1, 3, 1, 24, 24, 3),
+    fused(4, 3, 2, 24, 48, 5),
+    fused(4, 3, 2, 48, 80, 5),
+    mb(4, 3, 2, 80, 160, 7),
+    mb(6, 3, 1, 160, 176, 14),
+    mb(6, 3, 2, 176, 304, 18),
+    mb(6, 3, 1, 304, 512, 5),
 ];
 
 const V2_L: &[Stage] = &[
-    (true, 1, 3, 1, 32, 32, 4),
-    (true, 4, 3, 2, 32, 64, 7),
-    (true, 4, 3, 2, 64, 96, 7),
-    (false, 4, 3, 2, 96, 192, 10),
-    (false, 6, 3, 1, 192, 224, 19),
-    (false, 6, 3, 2, 224, 384, 25),
-    (false, 6, 3, 1, 384, 640, 7),
+    fused(1, 3, 1, 32, 32, 4),
+    fused(4, 3, 2, 32, 64, 7),
+    fused(4, 3, 2, 64, 96, 7),
+    mb(4, 3, 2, 96, 192, 10),
+    mb(6, 3, 1, 192, 224, 19),
+    mb(6, 3, 2, 224, 384, 25),
+    mb(6, 3, 1, 384, 640, 7),
 ];
 
 /// Stochastic depth of the last block (torchvision's `stochastic_depth_prob`).
@@ -134,13 +181,13 @@ impl EfficientNetSpec {
     pub fn stage_blocks(&self) -> Vec<usize> {
         self.stages()
             .iter()
-            .map(|s| (s.6 as f64 * self.depth).ceil() as usize)
+            .map(|s| (s.blocks as f64 * self.depth).ceil() as usize)
             .collect()
     }
 
     /// Output channels of the last stage before scaling.
     fn base_last_stage_channels(&self) -> usize {
-        self.stages()[self.stages().len() - 1].5
+        self.stages()[self.stages().len() - 1].cout
     }
 
     /// Output channels of the last stage.
@@ -206,7 +253,13 @@ impl Block {
         spec: &EfficientNetSpec,
         device: &Device,
     ) -> Self {
-        let &(fused, expand, kernel, _, _, cout, _) = row;
+        let Stage {
+            fused,
+            expand,
+            kernel,
+            cout,
+            ..
+        } = *row;
         let norm = spec.norm();
         let expanded = make_divisible((cin * expand) as f64, 8);
         let cna = |conv: ConvSpec, act: bool| {
@@ -283,7 +336,7 @@ impl EfficientNet {
         let stages = spec.stages();
         let counts = spec.stage_blocks();
         let total: usize = counts.iter().sum();
-        let mut cin = spec.channels(stages[0].4);
+        let mut cin = spec.channels(stages[0].cin);
         let stem = ConvSpec::new(3, cin, 3, 2);
         let mut features = vec![Feature::Conv2dNormActivation(conv_bn_act(
             stem,
@@ -293,21 +346,16 @@ impl EfficientNet {
         ))];
         let mut block_id = 0;
         for (row, &n) in stages.iter().zip(&counts) {
-            let row = (
-                row.0,
-                row.1,
-                row.2,
-                row.3,
-                row.4,
-                spec.channels(row.5),
-                row.6,
-            );
+            let row = Stage {
+                cout: spec.channels(row.cout),
+                ..*row
+            };
             let mut stage = Vec::new();
             for i in 0..n {
-                let stride = if i == 0 { row.3 } else { 1 };
+                let stride = if i == 0 { row.stride } else { 1 };
                 let drop_prob = STOCHASTIC_DEPTH * block_id as f64 / total as f64;
                 stage.push(Block::new(&row, cin, stride, drop_prob, spec, device));
-                cin = row.5;
+                cin = row.cout;
                 block_id += 1;
             }
             features.push(Feature::Sequential(stage));

@@ -57,7 +57,7 @@ impl Layer {
             Layer::BatchNorm2d(m) => m.forward(x),
             Layer::ReLU(m) => m.forward(x),
             Layer::ReLU6(_) => kernels::relu6(x),
-            Layer::Hardswish(m) => m.forward(x),
+            Layer::Hardswish(_) => kernels::hardswish(x),
             Layer::SiLU(_) => kernels::silu(x),
             Layer::GELU(_) => kernels::gelu(x),
             Layer::LayerNorm(m) => m.forward(x),
@@ -81,7 +81,7 @@ impl Layer {
             Layer::Dropout(m) => m.forward(x),
             Layer::ReLU(m) => m.forward(x),
             Layer::ReLU6(_) => kernels::relu6(x),
-            Layer::Hardswish(m) => m.forward(x),
+            Layer::Hardswish(_) => kernels::hardswish(x),
             // On pooled `[N, C]` features a LayerNorm2d normalises over C, as on `[N, C, 1, 1]`.
             Layer::LayerNorm(m) | Layer::LayerNorm2d(m) => m.forward(x),
             Layer::Flatten(_) => x,
