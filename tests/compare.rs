@@ -164,29 +164,30 @@ fn compare_runs_a_mobilenet_v3_head_partial_and_full() {
     assert!(trainable(&regimes[1]) < trainable(&regimes[2]));
 }
 
-/// A ViT through `compare` at another image size than its position embeddings' (48 for
-/// 32): the head regime trains `heads.head` on cached class tokens, partial freezes the
-/// patch embedding and the first half of the blocks, and the full regime trains the stored
-/// position embeddings through their resampling (same shape, new values).
-#[test]
-fn compare_runs_a_vit_at_another_image_size() {
+/// `compare` of head, partial and full on the toy set at `image_size`, every freeze audit
+/// passed; returns the folder, the regimes' summaries and the full run exported to `.pth`.
+fn compare_three_regimes(
+    weights: &Path,
+    image_size: &str,
+) -> (
+    tempfile::TempDir,
+    Vec<serde_json::Value>,
+    std::path::PathBuf,
+) {
     let dir = tempdir();
     let data = toy(dir.path(), 12);
     let out = dir.path().join("cmp");
-    let weights = fixture("vit_w128.pth");
-    let mut args = compare_args_at(&data, &out, &weights, "48");
+    let mut args = compare_args_at(&data, &out, weights, image_size);
     args.extend([
         std::ffi::OsStr::new("--regimes"),
         "head,partial,full".as_ref(),
     ]);
     retrain_ok(args);
     let summary = json(&out.join("summary.json"));
-    let regimes = summary["regimes"].as_array().unwrap();
-    for r in regimes {
+    let regimes = summary["regimes"].as_array().unwrap().clone();
+    for r in &regimes {
         assert_eq!(r["freeze_audit_passed"], true, "{}", r["regime"]);
     }
-    assert_eq!(regimes[1]["freeze"], "stem,block0");
-    assert_eq!(regimes[0]["trainable_params"].as_u64(), Some(3 * 128 + 3));
     assert_eq!(json(&out.join("head/summary.json"))["feature_cache"], true);
     let exported = dir.path().join("full.pth");
     retrain_ok([
@@ -196,6 +197,19 @@ fn compare_runs_a_vit_at_another_image_size() {
         "--out".as_ref(),
         exported.as_os_str(),
     ]);
+    (dir, regimes, exported)
+}
+
+/// A ViT through `compare` at another image size than its position embeddings' (48 for
+/// 32): the head regime trains `heads.head` on cached class tokens, partial freezes the
+/// patch embedding and the first half of the blocks, and the full regime trains the stored
+/// position embeddings through their resampling (same shape, new values).
+#[test]
+fn compare_runs_a_vit_at_another_image_size() {
+    let weights = fixture("vit_w128.pth");
+    let (_dir, regimes, exported) = compare_three_regimes(&weights, "48");
+    assert_eq!(regimes[1]["freeze"], "stem,block0");
+    assert_eq!(regimes[0]["trainable_params"].as_u64(), Some(3 * 128 + 3));
     let pos = |path: &Path| {
         let sd = checkpoint::read(path, None).unwrap();
         let t = sd.get("encoder.pos_embedding").unwrap();
@@ -212,34 +226,13 @@ fn compare_runs_a_vit_at_another_image_size() {
 /// A Swin V2 through `compare` at 40x40, where every stage pads to whole windows and the
 /// merging halves odd sides: partial freezes the patch embedding and the first two
 /// stages, and the full regime trains V2's temperatures and position-bias MLP through the
-/// window attention.
+/// window attention; the relative-position index stays what it was.
 #[test]
 fn compare_runs_a_swin_v2_at_an_odd_image_size() {
-    let dir = tempdir();
-    let data = toy(dir.path(), 12);
-    let out = dir.path().join("cmp");
     let weights = fixture("swin_v2_t_w16.pth");
-    let mut args = compare_args_at(&data, &out, &weights, "40");
-    args.extend([
-        std::ffi::OsStr::new("--regimes"),
-        "head,partial,full".as_ref(),
-    ]);
-    retrain_ok(args);
-    let summary = json(&out.join("summary.json"));
-    let regimes = summary["regimes"].as_array().unwrap();
-    for r in regimes {
-        assert_eq!(r["freeze_audit_passed"], true, "{}", r["regime"]);
-    }
+    let (_dir, regimes, exported) = compare_three_regimes(&weights, "40");
     assert_eq!(regimes[1]["freeze"], "features.0-4");
     assert_eq!(regimes[0]["trainable_params"].as_u64(), Some(3 * 128 + 3));
-    let exported = dir.path().join("full.pth");
-    retrain_ok([
-        "export".as_ref(),
-        "--run".as_ref(),
-        out.join("full").as_os_str(),
-        "--out".as_ref(),
-        exported.as_os_str(),
-    ]);
     let (trained, pretrained) = (
         checkpoint::read(&exported, None).unwrap(),
         checkpoint::read(&weights, None).unwrap(),

@@ -49,18 +49,24 @@ def main():
     ap.add_argument("--archs", default="mobilenet_v2,resnet18")
     ap.add_argument("--workloads", default="inference,full,partial,head")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--steps", type=int, help="timed steps per measurement (each tool's default)")
+    ap.add_argument("--warmup", type=int, help="untimed steps first (each tool's default)")
     a = ap.parse_args()
+    timing = [arg for flag, v in (("--steps", a.steps), ("--warmup", a.warmup)) if v is not None
+              for arg in (flag, str(v))]
     rows = []
     for arch in a.archs.split(","):
         for w in a.workloads.split(","):
             anchors = ANCHORS[w]
             ours, theirs = [], {name: [] for name, _ in anchors}
             for _ in range(a.repeats):
-                ours.append(run([a.retrain, "bench", "--arch", arch, "--workload", w, "--json"], a.threads))
+                ours.append(run([a.retrain, "bench", "--arch", arch, "--workload", w, "--json", *timing],
+                                a.threads))
                 print(json.dumps(ours[-1]), file=sys.stderr)
                 for name, extra in anchors:
                     theirs[name].append(run([sys.executable, str(HERE / "bench_torch.py"), "--arch", arch,
-                                             "--workload", w, "--threads", str(a.threads), *extra], a.threads))
+                                             "--workload", w, "--threads", str(a.threads), *timing, *extra],
+                                            a.threads))
                     print(json.dumps(theirs[name][-1]), file=sys.stderr)
             rows.append(row(arch, w, ours, theirs))
     print(f"CPU: {cpu_model()}, {a.threads} threads, {a.repeats} pairs per cell\n")

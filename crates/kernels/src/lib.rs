@@ -1360,84 +1360,75 @@ mod tests {
         }
     }
 
+    /// A normalisation's output and its input, scale and shift gradients, native against
+    /// burn's (`norm(native, x, gamma, beta)`), with random scales and shifts of `width`.
+    fn check_normalisation(
+        name: &str,
+        x: Tensor<4>,
+        width: usize,
+        norm: impl Fn(bool, Tensor<4>, Tensor<1>, Tensor<1>) -> Tensor<4>,
+    ) {
+        let device = x.device();
+        let normal = |mean, std| Distribution::Normal(mean, std);
+        let gamma = Tensor::<1>::random([width], normal(1.0, 0.5), &device);
+        let beta = Tensor::<1>::random([width], normal(0.0, 1.0), &device);
+        let run = |native: bool| {
+            let (x, gamma, beta) = (
+                x.clone().require_grad(),
+                gamma.clone().require_grad(),
+                beta.clone().require_grad(),
+            );
+            let y = norm(native, x.clone(), gamma.clone(), beta.clone());
+            let seed_grad = Tensor::<4>::ones(y.dims(), &device).cumsum(3).sin();
+            let grads = (y.clone() * seed_grad).sum().backward();
+            let as4 = |t: Tensor<1>| t.reshape([1, 1, 1, -1]);
+            [
+                y,
+                x.grad(&grads).unwrap(),
+                as4(gamma.grad(&grads).unwrap()),
+                as4(beta.grad(&grads).unwrap()),
+            ]
+        };
+        let names = ["output", "input grad", "gamma grad", "beta grad"];
+        for ((part, ours), reference) in names.iter().zip(run(true)).zip(run(false)) {
+            assert_close(&format!("{name} {part}"), ours, reference);
+        }
+    }
+
     #[test]
     fn eval_batch_norm_matches_generic() {
         let device = Device::flex().autodiff();
         let normal = |mean, std| Distribution::Normal(mean, std);
         let x = Tensor::<4>::random([3, 4, 5, 7], normal(1.0, 2.0), &device);
-        let params = |m, s| Tensor::<1>::random([4], normal(m, s), &device);
-        let (gamma, beta, mean) = (params(1.0, 0.5), params(0.0, 1.0), params(1.0, 1.0));
-        let variance = params(0.0, 1.0).abs().add_scalar(0.1);
-        let run = |native: bool| {
-            let (x, gamma, beta) = (
-                x.clone().require_grad(),
-                gamma.clone().require_grad(),
-                beta.clone().require_grad(),
-            );
-            let args = (
-                x.clone(),
-                gamma.clone(),
-                beta.clone(),
-                mean.clone(),
-                variance.clone(),
-            );
-            let y = if native {
-                batch_norm_eval(args.0, args.1, args.2, args.3, args.4, 1e-5)
+        let mean = Tensor::<1>::random([4], normal(1.0, 1.0), &device);
+        let variance = Tensor::<1>::random([4], normal(0.0, 1.0), &device)
+            .abs()
+            .add_scalar(0.1);
+        check_normalisation("eval batch norm", x, 4, |native, x, gamma, beta| {
+            let (mean, variance) = (mean.clone(), variance.clone());
+            if native {
+                batch_norm_eval(x, gamma, beta, mean, variance, 1e-5)
             } else {
-                burn::tensor::module::batch_norm(args.0, args.1, args.2, args.3, args.4, 1e-5)
-            };
-            let seed_grad = Tensor::<4>::ones(y.dims(), &device).cumsum(3).sin();
-            let grads = (y.clone() * seed_grad).sum().backward();
-            let as4 = |t: Tensor<1>| t.reshape([1, 1, 1, -1]);
-            [
-                y,
-                x.grad(&grads).unwrap(),
-                as4(gamma.grad(&grads).unwrap()),
-                as4(beta.grad(&grads).unwrap()),
-            ]
-        };
-        let names = ["output", "input grad", "gamma grad", "beta grad"];
-        for ((name, ours), reference) in names.iter().zip(run(true)).zip(run(false)) {
-            assert_close(&format!("eval batch norm {name}"), ours, reference);
-        }
+                burn::tensor::module::batch_norm(x, gamma, beta, mean, variance, 1e-5)
+            }
+        });
     }
 
-    /// LayerNorm over the last dimension against burn's composition: output and all three
-    /// gradients, on a permuted (strided) input whose rows are neither a multiple of the
-    /// work block nor of the vector width.
+    /// LayerNorm over the last dimension against burn's composition, on a permuted
+    /// (strided) input whose rows are neither a multiple of the work block nor of the
+    /// vector width.
     #[test]
     fn layer_norm_matches_generic() {
         let device = Device::flex().autodiff();
-        let normal = |mean, std| Distribution::Normal(mean, std);
-        let x = Tensor::<4>::random([3, 21, 5, 7], normal(1.0, 2.0), &device);
-        let gamma = Tensor::<1>::random([21], normal(1.0, 0.5), &device);
-        let beta = Tensor::<1>::random([21], normal(0.0, 1.0), &device);
-        let run = |native: bool| {
-            let (x, gamma, beta) = (
-                x.clone().require_grad(),
-                gamma.clone().require_grad(),
-                beta.clone().require_grad(),
-            );
-            let nhwc = x.clone().permute([0, 2, 3, 1]);
-            let y = if native {
-                layer_norm(nhwc, gamma.clone(), beta.clone(), 1e-6)
+        let x = Tensor::<4>::random([3, 21, 5, 7], Distribution::Normal(1.0, 2.0), &device);
+        check_normalisation("layer norm", x, 21, |native, x, gamma, beta| {
+            let nhwc = x.permute([0, 2, 3, 1]);
+            if native {
+                layer_norm(nhwc, gamma, beta, 1e-6)
             } else {
-                burn::tensor::module::layer_norm(nhwc, gamma.clone(), Some(beta.clone()), 1e-6)
-            };
-            let seed_grad = Tensor::<4>::ones(y.dims(), &device).cumsum(3).sin();
-            let grads = (y.clone() * seed_grad).sum().backward();
-            let as4 = |t: Tensor<1>| t.reshape([1, 1, 1, -1]);
-            [
-                y,
-                x.grad(&grads).unwrap(),
-                as4(gamma.grad(&grads).unwrap()),
-                as4(beta.grad(&grads).unwrap()),
-            ]
-        };
-        let names = ["output", "input grad", "gamma grad", "beta grad"];
-        for ((name, ours), reference) in names.iter().zip(run(true)).zip(run(false)) {
-            assert_close(&format!("layer norm {name}"), ours, reference);
-        }
+                burn::tensor::module::layer_norm(nhwc, gamma, Some(beta), 1e-6)
+            }
+        });
     }
 
     /// Blocked attention against burn's matmuls and softmax: output and the three

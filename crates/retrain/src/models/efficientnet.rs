@@ -50,6 +50,16 @@ struct Stage {
     blocks: usize,
 }
 
+impl Stage {
+    /// The same row as a FusedMBConv stage.
+    const fn fused(self) -> Self {
+        Self {
+            fused: true,
+            ..self
+        }
+    }
+}
+
 /// An MBConv stage row, in torchvision's argument order.
 const fn mb(
     expand: usize,
@@ -70,21 +80,6 @@ const fn mb(
     }
 }
 
-/// A FusedMBConv stage row.
-const fn fused(
-    expand: usize,
-    kernel: usize,
-    stride: usize,
-    cin: usize,
-    cout: usize,
-    blocks: usize,
-) -> Stage {
-    Stage {
-        fused: true,
-        ..mb(expand, kernel, stride, cin, cout, blocks)
-    }
-}
-
 const B: &[Stage] = &[
     mb(1, 3, 1, 32, 16, 1),
     mb(6, 3, 2, 16, 24, 2),
@@ -96,18 +91,18 @@ const B: &[Stage] = &[
 ];
 
 const V2_S: &[Stage] = &[
-    fused(1, 3, 1, 24, 24, 2),
-    fused(4, 3, 2, 24, 48, 4),
-    fused(4, 3, 2, 48, 64, 4),
+    mb(1, 3, 1, 24, 24, 2).fused(),
+    mb(4, 3, 2, 24, 48, 4).fused(),
+    mb(4, 3, 2, 48, 64, 4).fused(),
     mb(4, 3, 2, 64, 128, 6),
     mb(6, 3, 1, 128, 160, 9),
     mb(6, 3, 2, 160, 256, 15),
 ];
 
 const V2_M: &[Stage] = &[
-    fused(1, 3, 1, 24, 24, 3),
-    fused(4, 3, 2, 24, 48, 5),
-    fused(4, 3, 2, 48, 80, 5),
+    mb(1, 3, 1, 24, 24, 3).fused(),
+    mb(4, 3, 2, 24, 48, 5).fused(),
+    mb(4, 3, 2, 48, 80, 5).fused(),
     mb(4, 3, 2, 80, 160, 7),
     mb(6, 3, 1, 160, 176, 14),
     mb(6, 3, 2, 176, 304, 18),
@@ -115,9 +110,9 @@ const V2_M: &[Stage] = &[
 ];
 
 const V2_L: &[Stage] = &[
-    fused(1, 3, 1, 32, 32, 4),
-    fused(4, 3, 2, 32, 64, 7),
-    fused(4, 3, 2, 64, 96, 7),
+    mb(1, 3, 1, 32, 32, 4).fused(),
+    mb(4, 3, 2, 32, 64, 7).fused(),
+    mb(4, 3, 2, 64, 96, 7).fused(),
     mb(4, 3, 2, 96, 192, 10),
     mb(6, 3, 1, 192, 224, 19),
     mb(6, 3, 2, 224, 384, 25),

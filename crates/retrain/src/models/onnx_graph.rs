@@ -321,6 +321,28 @@ impl Graph {
         outputs.map(|name| Value { name, rank: x.rank })
     }
 
+    /// A `[N, S, 3 D]` query/key/value projection cut into `heads` heads: the queries and
+    /// values `[N, heads, S, D / heads]`, the keys transposed, `[N, heads, D / heads, S]`,
+    /// ready for `q @ k`.
+    pub fn attention_heads(&mut self, scope: &str, qkv: &Value, heads: usize) -> [Value; 3] {
+        let [q, k, v] = self.split_last::<3>(scope, qkv);
+        let mut per_head = |t: &Value, perm: [usize; 4]| {
+            let t = self.reshape(scope, t, &[0, 0, heads as i64, -1]);
+            self.transpose(scope, &perm, &t)
+        };
+        [
+            per_head(&q, [0, 2, 1, 3]),
+            per_head(&k, [0, 2, 3, 1]),
+            per_head(&v, [0, 2, 1, 3]),
+        ]
+    }
+
+    /// The inverse for an attention's output: `[N, heads, S, D / heads]` to `[N, S, D]`.
+    pub fn merge_heads(&mut self, scope: &str, y: &Value, dim: usize) -> Value {
+        let y = self.transpose(scope, &[0, 2, 1, 3], y);
+        self.reshape(scope, &y, &[0, 0, dim as i64])
+    }
+
     /// Softmax over the last dimension.
     pub fn softmax_last(&mut self, scope: &str, x: &Value) -> Value {
         self.op(

@@ -282,15 +282,26 @@ impl Attention {
     }
 }
 
+/// What one block is built from: its width, heads, window, shift (0 or half a window),
+/// and version.
+#[derive(Debug, Clone, Copy)]
+struct BlockSpec {
+    dim: usize,
+    heads: usize,
+    window: usize,
+    shift: usize,
+    v2: bool,
+}
+
 impl WindowAttention {
-    fn new(
-        dim: usize,
-        heads: usize,
-        window: usize,
-        shift: usize,
-        v2: bool,
-        device: &Device,
-    ) -> Self {
+    fn new(spec: BlockSpec, device: &Device) -> Self {
+        let BlockSpec {
+            dim,
+            heads,
+            window,
+            shift,
+            v2,
+        } = spec;
         let side = 2 * window - 1;
         let table = Initializer::Normal {
             mean: 0.0,
@@ -443,14 +454,7 @@ impl WindowAttention {
         let mut qkv = self.qkv.clone();
         qkv.bias = self.qkv_bias().map(Param::from_tensor);
         let qkv = g.linear(&child(scope, "qkv"), &qkv, x)?;
-        let [q, k, v] = g.split_last::<3>(scope, &qkv);
-        let per_head = |g: &mut Graph, t: &Value, perm: [usize; 4]| {
-            let t = g.reshape(scope, t, &[0, 0, heads as i64, dh as i64]);
-            g.transpose(scope, &perm, &t)
-        };
-        let q = per_head(g, &q, [0, 2, 1, 3]);
-        let k = per_head(g, &k, [0, 2, 3, 1]);
-        let v = per_head(g, &v, [0, 2, 1, 3]);
+        let [q, k, v] = g.attention_heads(scope, &qkv, heads);
         let scores = match &self.logit_scale {
             None => {
                 let scale = g.scalar((dh as f64).powf(-0.5) as f32);
@@ -475,8 +479,7 @@ impl WindowAttention {
         let scores = g.reshape(scope, &scores, &[-1, heads, n, n]);
         let weights = g.softmax_last(scope, &scores);
         let y = g.matmul(scope, &weights, &v);
-        let y = g.transpose(scope, &[0, 2, 1, 3], &y);
-        let y = g.reshape(scope, &y, &[0, 0, c as i64]);
+        let y = g.merge_heads(scope, &y, c);
         g.linear(&child(scope, "proj"), &self.proj, &y)
     }
 
@@ -549,19 +552,11 @@ pub enum Block {
 }
 
 impl SwinBlock {
-    fn new(
-        dim: usize,
-        heads: usize,
-        window: usize,
-        shift: usize,
-        v2: bool,
-        drop: f64,
-        device: &Device,
-    ) -> Self {
-        let attn = WindowAttention::new(dim, heads, window, shift, v2, device);
+    fn new(spec: BlockSpec, drop: f64, device: &Device) -> Self {
+        let (dim, attn) = (spec.dim, WindowAttention::new(spec, device));
         Self {
             norm1: layer_norm(dim, EPS, device),
-            attn: if v2 {
+            attn: if spec.v2 {
                 Attention::ShiftedWindowAttentionV2(attn)
             } else {
                 Attention::ShiftedWindowAttention(attn)
@@ -724,9 +719,14 @@ impl SwinTransformer {
                     let drop =
                         spec.stochastic_depth * block_id as f64 / (total as f64 - 1.0).max(1.0);
                     block_id += 1;
-                    let shift = if i % 2 == 0 { 0 } else { spec.window_size / 2 };
-                    let b =
-                        SwinBlock::new(dim, heads, spec.window_size, shift, spec.v2, drop, device);
+                    let block = BlockSpec {
+                        dim,
+                        heads,
+                        window: spec.window_size,
+                        shift: if i % 2 == 0 { 0 } else { spec.window_size / 2 },
+                        v2: spec.v2,
+                    };
+                    let b = SwinBlock::new(block, drop, device);
                     if spec.v2 {
                         Block::SwinTransformerBlockV2(b)
                     } else {

@@ -132,21 +132,13 @@ impl MultiheadAttention {
         let b = g.weight(scope, "in_proj_bias", self.in_proj_bias.val())?;
         let qkv = g.matmul(scope, x, &w);
         let qkv = g.add(scope, &qkv, &b);
-        let [q, k, v] = g.split_last::<3>(scope, &qkv);
-        let per_head = |g: &mut Graph, t: &Value, perm: [usize; 4]| {
-            let t = g.reshape(scope, t, &[0, 0, heads as i64, dh as i64]);
-            g.transpose(scope, &perm, &t)
-        };
-        let q = per_head(g, &q, [0, 2, 1, 3]);
-        let k = per_head(g, &k, [0, 2, 3, 1]);
-        let v = per_head(g, &v, [0, 2, 1, 3]);
+        let [q, k, v] = g.attention_heads(scope, &qkv, heads);
         let scores = g.matmul(scope, &q, &k);
         let scale = g.scalar((1.0 / (dh as f64).sqrt()) as f32);
         let scores = g.mul(scope, &scores, &scale);
         let weights = g.softmax_last(scope, &scores);
         let y = g.matmul(scope, &weights, &v);
-        let y = g.transpose(scope, &[0, 2, 1, 3], &y);
-        let y = g.reshape(scope, &y, &[0, 0, d as i64]);
+        let y = g.merge_heads(scope, &y, d);
         g.linear(&child(scope, "out_proj"), self.out_proj(), &y)
     }
 }
