@@ -82,7 +82,7 @@ def row(arch, w, ours, theirs):
     median of those paired ratios, which cancels most of the machine's drift. The strongest
     anchor is the one with the best median."""
     key = "seconds" if w == "head" else "images_per_second"
-    unit = (lambda v: f"{v:.1f} s") if w == "head" else (lambda v: f"{v:.1f} img/s")
+    unit = (lambda v: f"{v:.1f} s") if w == "head" else (lambda v: f"{v:.{1 if v >= 10 else 2}f} img/s")
     o = [r[key] for r in ours]
     medians = {name: med([r[key] for r in rs]) for name, rs in theirs.items()}
     best = (min if w == "head" else max)(medians, key=medians.get)
