@@ -85,13 +85,16 @@ pub trait Kernels: Backend {
         epsilon: f64,
     ) -> FloatTensor<Self>;
 
-    /// `softmax(q k^T * scale) v` over the last two dimensions of `[batch, heads, seq,
-    /// dim]` f32 tensors ([`attention`] routes others to burn), in blocks of queries; the
-    /// backward recomputes the probabilities instead of keeping them.
+    /// `softmax(q k^T * scale + bias) v` over the last two dimensions of `[batch, heads,
+    /// seq, dim]` f32 tensors, `bias` `[groups, seq, seq]` added to problem `i` (of the
+    /// `batch * heads`) as matrix `i % groups` ([`attention`] routes other dtypes to burn);
+    /// in blocks of queries, the backward recomputing the probabilities instead of keeping
+    /// them.
     fn attention_native(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
         scale: f32,
     ) -> FloatTensor<Self>;
 
@@ -238,8 +241,14 @@ impl Kernels for Flex {
         layer_norm_forward(&x, &gamma, &beta, epsilon).0
     }
 
-    fn attention_native(q: FlexTensor, k: FlexTensor, v: FlexTensor, scale: f32) -> FlexTensor {
-        attention_forward(&q, &k, &v, scale).0
+    fn attention_native(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        bias: FlexTensor,
+        scale: f32,
+    ) -> FlexTensor {
+        attention_forward([&q, &k, &v, &bias], scale).0
     }
 
     fn batch_norm_train_native(
@@ -582,34 +591,32 @@ impl Backward<Flex, 3> for LayerNormBackward {
     }
 }
 
-/// The shapes of `[batch, heads, seq, dim]` operands.
-fn attention_shape(q: &FlexTensor, scale: f32) -> AttentionShape {
+/// The shapes of `[batch, heads, seq, dim]` operands with a `[groups, seq, seq]` bias.
+fn attention_shape(q: &FlexTensor, bias: &FlexTensor, scale: f32) -> AttentionShape {
     let [batch, heads, seq, dim] = dims4(q);
     AttentionShape {
         heads: batch * heads,
         seq,
         dim,
         scale,
+        groups: bias.shape()[0],
     }
 }
 
-/// Attention of f32 operands: the output, and what its backward keeps (the contiguous
-/// operands and each row's log-sum-exp).
-fn attention_forward(
-    q: &FlexTensor,
-    k: &FlexTensor,
-    v: &FlexTensor,
-    scale: f32,
-) -> (FlexTensor, AttentionState) {
-    let [q, k, v] = [q, k, v].map(|t| f32_view(t).expect("f32, as attention checks"));
-    let shape = attention_shape(&q, scale);
-    let (out, lse) = attention::attention_forward(shape, slice(&q), slice(&k), slice(&v));
+/// Attention of f32 operands `[q, k, v, bias]`: the output, and what its backward keeps
+/// (the contiguous operands and each row's log-sum-exp).
+fn attention_forward(operands: [&FlexTensor; 4], scale: f32) -> (FlexTensor, AttentionState) {
+    let [q, k, v, bias] = operands.map(|t| f32_view(t).expect("f32, as attention checks"));
+    let shape = attention_shape(&q, &bias, scale);
+    let (out, lse) =
+        attention::attention_forward(shape, slice(&q), slice(&k), slice(&v), slice(&bias));
     let out = flex_tensor(out, q.shape().to_vec());
     let lse = flex_tensor(lse, vec![shape.heads * shape.seq]);
     let state = AttentionState {
         q,
         k,
         v,
+        bias,
         out: out.clone(),
         lse,
         scale,
@@ -625,39 +632,38 @@ struct AttentionState {
     q: FlexTensor,
     k: FlexTensor,
     v: FlexTensor,
+    bias: FlexTensor,
     out: FlexTensor,
     lse: FlexTensor,
     scale: f32,
 }
 
-impl Backward<Flex, 3> for AttentionBackward {
+impl Backward<Flex, 4> for AttentionBackward {
     type State = AttentionState;
 
-    fn backward(self, ops: Ops<AttentionState, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<AttentionState, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = f32_view(&grads.consume::<Flex>(&ops.node)).expect("f32");
-        let AttentionState {
-            q,
-            k,
-            v,
-            out,
-            lse,
-            scale,
-        } = ops.state;
-        let shape = attention_shape(&q, scale);
-        let (dq, dk, dv) = attention::attention_backward(
-            shape,
-            slice(&q),
-            slice(&k),
-            slice(&v),
-            slice(&out),
-            slice(&lse),
-            slice(&grad),
-        );
-        let dims = q.shape().to_vec();
-        for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
+        let t = ops.state;
+        let shape = attention_shape(&t.q, &t.bias, t.scale);
+        let [node_q, node_k, node_v, node_bias] = ops.parents;
+        let saved = attention::AttentionSaved {
+            q: slice(&t.q),
+            k: slice(&t.k),
+            v: slice(&t.v),
+            bias: slice(&t.bias),
+            out: slice(&t.out),
+            lse: slice(&t.lse),
+            grad: slice(&grad),
+        };
+        let g = attention::attention_backward(shape, &saved, node_bias.is_some());
+        let dims = t.q.shape().to_vec();
+        for (node, g) in [node_q, node_k, node_v].into_iter().zip([g.dq, g.dk, g.dv]) {
             if let Some(node) = node {
                 grads.register::<Flex>(node.id, flex_tensor(g, dims.clone()));
             }
+        }
+        if let (Some(node), Some(dbias)) = (node_bias, g.dbias) {
+            grads.register::<Flex>(node.id, flex_tensor(dbias, t.bias.shape().to_vec()));
         }
     }
 }
@@ -871,14 +877,15 @@ impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
         scale: f32,
     ) -> FloatTensor<Self> {
         let prepared = AttentionBackward
-            .prepare::<C>([q.node(), k.node(), v.node()])
+            .prepare::<C>([q.node(), k.node(), v.node(), bias.node()])
             .compute_bound()
             .stateful();
-        let [q, k, v] = [q, k, v].map(|t| t.into_primitive());
-        let (y, state) = attention_forward(&q, &k, &v, scale);
+        let [q, k, v, bias] = [q, k, v, bias].map(|t| t.into_primitive());
+        let (y, state) = attention_forward([&q, &k, &v, &bias], scale);
         match prepared {
             OpsKind::Tracked(prep) => prep.finish(state, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
@@ -1101,17 +1108,31 @@ pub fn layer_norm<const D: usize>(
     Tensor::from_dispatch(y)
 }
 
-/// `softmax(q k^T * scale) v` over `[batch, heads, seq, dim]` through the native blocked
-/// kernel on the CPU (f32), burn's matmuls and softmax otherwise.
-pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f32) -> Tensor<4> {
+/// `softmax(q k^T * scale + bias) v` over `[batch, heads, seq, dim]`, where `bias`
+/// `[groups, seq, seq]` is added to problem `i` of the `batch * heads` as matrix
+/// `i % groups` (for a Swin: per window and head); through the native blocked kernel on the
+/// CPU (f32), burn's matmuls and softmax otherwise.
+pub fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias: Option<Tensor<3>>,
+    scale: f32,
+) -> Tensor<4> {
+    let [batch, heads, seq, _] = q.dims();
+    let bias = bias.unwrap_or_else(|| Tensor::zeros([1, seq, seq], &q.device()));
     if !on_flex(&q.device()) || q.dtype() != DType::F32 {
+        let [groups, ..] = bias.dims();
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let scores = scores.reshape([batch * heads / groups, groups, seq, seq]) + bias.unsqueeze();
+        let scores = scores.reshape([batch, heads, seq, seq]);
         return burn::tensor::activation::softmax(scores, 3).matmul(v);
     }
     let y = <Dispatch as Kernels>::attention_native(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
+        bias.into_dispatch(),
         scale,
     );
     Tensor::from_dispatch(y)
@@ -1431,31 +1452,32 @@ mod tests {
         });
     }
 
-    /// Blocked attention against burn's matmuls and softmax: output and the three
-    /// gradients, with a sequence longer than one block and not a multiple of it, on
-    /// strided (transposed) operands as a model passes them.
+    /// Blocked attention against burn's matmuls and softmax: output and the gradients of
+    /// queries, keys, values and a per-head bias, with a sequence longer than one block and
+    /// not a multiple of it, on strided (transposed) operands as a model passes them.
     #[test]
     fn attention_matches_generic() {
         let device = Device::flex().autodiff();
         let normal = Distribution::Normal(0.0, 1.0);
-        let qkv = |seed| {
+        let random = |seed, shape: [usize; 4]| {
             device.seed(seed);
-            Tensor::<4>::random([2, 70, 3, 8], normal, &device)
+            Tensor::<4>::random(shape, normal, &device)
         };
-        let (q, k, v) = (qkv(1), qkv(2), qkv(3));
+        let (q, k, v) = (
+            random(1, [2, 70, 3, 8]),
+            random(2, [2, 70, 3, 8]),
+            random(3, [2, 70, 3, 8]),
+        );
+        let bias = random(4, [1, 3, 70, 70]);
         let run = |native: bool| {
-            let (q, k, v) = (
-                q.clone().require_grad(),
-                k.clone().require_grad(),
-                v.clone().require_grad(),
-            );
+            let [q, k, v, bias] = [&q, &k, &v, &bias].map(|t| t.clone().require_grad());
             let heads = |t: &Tensor<4>| t.clone().swap_dims(1, 2);
             let (qh, kh, vh) = (heads(&q), heads(&k), heads(&v));
             let scale = 8f32.powf(-0.5);
             let y = if native {
-                attention(qh, kh, vh, scale)
+                attention(qh, kh, vh, Some(bias.clone().reshape([3, 70, 70])), scale)
             } else {
-                let scores = qh.matmul(kh.swap_dims(2, 3)).mul_scalar(scale);
+                let scores = qh.matmul(kh.swap_dims(2, 3)).mul_scalar(scale) + bias.clone();
                 burn::tensor::activation::softmax(scores, 3).matmul(vh)
             };
             let seed_grad = Tensor::<4>::ones(y.dims(), &device).cumsum(3).sin();
@@ -1465,9 +1487,16 @@ mod tests {
                 q.grad(&grads).unwrap(),
                 k.grad(&grads).unwrap(),
                 v.grad(&grads).unwrap(),
+                bias.grad(&grads).unwrap(),
             ]
         };
-        let names = ["output", "query grad", "key grad", "value grad"];
+        let names = [
+            "output",
+            "query grad",
+            "key grad",
+            "value grad",
+            "bias grad",
+        ];
         for ((name, ours), reference) in names.iter().zip(run(true)).zip(run(false)) {
             assert_close(&format!("attention {name}"), ours, reference);
         }
@@ -1610,9 +1639,16 @@ mod tests {
                 values([2, 3, 70, 8], 0.5),
                 values([2, 3, 70, 8], 0.9),
             );
-            let y = attention(q.clone(), k.clone(), v.clone(), 0.35);
+            let bias = values([1, 3, 70, 70], 0.4);
+            let y = attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                Some(bias.clone().reshape([3, 70, 70])),
+                0.35,
+            );
             let grads = (y.clone() * y).sum().backward();
-            for t in [q, k, v] {
+            for t in [q, k, v, bias] {
                 out.push(bits(t.grad(&grads).unwrap()));
             }
             out

@@ -10,7 +10,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Gelu, Initializer, Linear, LinearConfig, Relu};
 use burn::prelude::*;
-use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::activation::sigmoid;
 use serde::{Deserialize, Serialize};
 
 use super::family::{Architecture, Detected, Family, FreezeGroup, head_outputs};
@@ -23,6 +23,7 @@ use super::weights::{Weights, torchvision};
 use crate::checkpoint::StateDict;
 use crate::checkpoint::write::{NamedTensor, Values};
 use crate::error::Result;
+use crate::kernels;
 use crate::preprocess::{Interpolation, Preprocess};
 
 /// Every LayerNorm's eps.
@@ -391,7 +392,8 @@ impl WindowAttention {
     }
 
     /// Attention of `[N * windows, tokens, C]`: scaled dot products (V1) or cosines times
-    /// a temperature (V2), plus `bias` (`[windows or 1, heads, N, N]`).
+    /// a temperature (V2), plus `bias` (`[windows or 1, heads, N, N]`), by the native
+    /// blocked kernel on the CPU.
     fn attend(&self, x: Tensor<3>, bias: Tensor<4>) -> Tensor<3> {
         let [bw, n, c] = x.dims();
         let (heads, dh) = (self.num_heads, c / self.num_heads);
@@ -403,22 +405,17 @@ impl WindowAttention {
                 .swap_dims(1, 2)
         };
         let (q, k, v) = (split(0), split(1), split(2));
-        let scores = match &self.logit_scale {
-            None => q
-                .mul_scalar((dh as f64).powf(-0.5))
-                .matmul(k.swap_dims(2, 3)),
+        let (q, k, scale) = match &self.logit_scale {
+            None => (q, k, (dh as f32).powf(-0.5)),
             Some(scale) => {
                 let scale = scale.val().clamp_max(100f32.ln()).exp().unsqueeze::<4>();
-                l2_normalize(q).matmul(l2_normalize(k).swap_dims(2, 3)) * scale
+                (l2_normalize(q) * scale, l2_normalize(k), 1.0)
             }
         };
         let [windows, ..] = bias.dims();
-        let scores = scores.reshape([bw / windows, windows, heads, n, n]) + bias.unsqueeze();
-        let y = softmax(scores.reshape([bw, heads, n, n]), 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([bw, n, c]);
-        self.proj.forward(y)
+        let bias = bias.reshape([windows * heads, n, n]);
+        let y = kernels::attention(q, k, v, Some(bias), scale);
+        self.proj.forward(y.swap_dims(1, 2).reshape([bw, n, c]))
     }
 
     /// Shifted-window attention of an NHWC map, same shape out.

@@ -119,7 +119,7 @@ impl MultiheadAttention {
                 .swap_dims(1, 2)
         };
         let (q, k, v) = (split(0), split(1), split(2));
-        let y = kernels::attention(q, k, v, (dh as f32).powf(-0.5));
+        let y = kernels::attention(q, k, v, None, (dh as f32).powf(-0.5));
         self.out_proj()
             .forward(y.swap_dims(1, 2).reshape([n, s, d]))
     }
