@@ -14,6 +14,7 @@ mod attention;
 mod cpu;
 
 use burn::backend::TensorMetadata;
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -547,6 +548,27 @@ fn layer_norm_forward(
     )
 }
 
+/// A normalisation's gradients, for those of its parents (input, scale, shift) that take
+/// one.
+fn register_norm_grads(
+    grads: &mut Gradients,
+    [x, gamma, beta]: [Option<NodeId>; 3],
+    dx: FlexTensor,
+    dgamma: Vec<f32>,
+    dbeta: Vec<f32>,
+) {
+    let width = vec![dgamma.len()];
+    if let Some(id) = gamma {
+        grads.register::<Flex>(id, flex_tensor(dgamma, width.clone()));
+    }
+    if let Some(id) = beta {
+        grads.register::<Flex>(id, flex_tensor(dbeta, width));
+    }
+    if let Some(id) = x {
+        grads.register::<Flex>(id, dx);
+    }
+}
+
 #[derive(Debug)]
 struct LayerNormBackward;
 
@@ -578,16 +600,8 @@ impl Backward<Flex, 3> for LayerNormBackward {
             slice(&rstd),
             &mut dx.storage_mut::<f32>()[..len],
         );
-        let width = vec![dgamma.len()];
-        if let Some(node) = node_gamma {
-            grads.register::<Flex>(node.id, flex_tensor(dgamma, width.clone()));
-        }
-        if let Some(node) = node_beta {
-            grads.register::<Flex>(node.id, flex_tensor(dbeta, width));
-        }
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, dx);
-        }
+        let ids = [node_x, node_gamma, node_beta].map(|n| n.map(|n| n.id));
+        register_norm_grads(grads, ids, dx, dgamma, dbeta);
     }
 }
 
@@ -725,16 +739,8 @@ impl Backward<Flex, 3> for BatchNormBackward {
             &inv_std,
             &mut dx.storage_mut::<f32>()[..len],
         );
-        let channels = vec![layout.channels];
-        if let Some(node) = node_gamma {
-            grads.register::<Flex>(node.id, flex_tensor(dgamma, channels.clone()));
-        }
-        if let Some(node) = node_beta {
-            grads.register::<Flex>(node.id, flex_tensor(dbeta, channels));
-        }
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, dx);
-        }
+        let ids = [node_x, node_gamma, node_beta].map(|n| n.map(|n| n.id));
+        register_norm_grads(grads, ids, dx, dgamma, dbeta);
     }
 }
 
