@@ -16,7 +16,8 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Shapes of one 2-D convolution that these kernels handle: dilation 1, and either dense
-/// (`groups == 1`) or depthwise (one filter per channel).
+/// (`groups` independent convolutions over equal slices of the channels, as in ResNeXt and
+/// RegNet; 1 for a plain one) or depthwise (one filter per channel).
 #[derive(Debug, Clone, Copy)]
 pub struct ConvGeometry {
     pub batch: usize,
@@ -32,22 +33,24 @@ pub struct ConvGeometry {
     pub pad_left: usize,
     pub oh: usize,
     pub ow: usize,
+    pub groups: usize,
     pub depthwise: bool,
 }
 
 impl ConvGeometry {
-    /// `None` for a convolution these kernels do not cover (dilation, other groupings).
+    /// `None` for a convolution these kernels do not cover (dilation, channels that do not
+    /// split into the groups).
     pub fn new(x: [usize; 4], weight: [usize; 4], options: &ConvOptions<2>) -> Option<Self> {
         let [batch, cin, h, w] = x;
         let [cout, cin_per_group, kh, kw] = weight;
-        if options.dilation != [1, 1] {
+        let groups = options.groups;
+        if options.dilation != [1, 1] || groups == 0 || cout % groups != 0 {
             return None;
         }
-        let depthwise =
-            options.groups > 1 && options.groups == cin && cout == cin && cin_per_group == 1;
-        if !depthwise && (options.groups != 1 || cin_per_group != cin) {
+        if cin_per_group * groups != cin {
             return None;
         }
+        let depthwise = groups > 1 && groups == cin && cout == cin;
         let [(pad_top, pad_bottom), (pad_left, pad_right)] = options.padding;
         let [sh, sw] = options.stride;
         let padded_h = h + pad_top + pad_bottom;
@@ -69,6 +72,7 @@ impl ConvGeometry {
             pad_left,
             oh: (padded_h - kh) / sh + 1,
             ow: (padded_w - kw) / sw + 1,
+            groups,
             depthwise,
         })
     }
@@ -101,6 +105,16 @@ impl ConvGeometry {
         self.cin * self.kh * self.kw
     }
 
+    /// One group's rows of the im2col matrix (its input channels' rows are contiguous),
+    /// and the columns of its weight matrix.
+    fn group_patch_len(&self) -> usize {
+        self.patch_len() / self.groups
+    }
+
+    fn cout_per_group(&self) -> usize {
+        self.cout / self.groups
+    }
+
     /// A 1x1 stride-1 unpadded convolution is a plain matrix product per image.
     fn is_pointwise(&self) -> bool {
         self.kh == 1
@@ -115,7 +129,7 @@ impl ConvGeometry {
 
     /// 3x3 stride-1 dense convolutions go through Winograd's F(4x4, 3x3).
     fn is_winograd(&self) -> bool {
-        !self.depthwise && self.kh == 3 && self.kw == 3 && self.sh == 1 && self.sw == 1
+        self.groups == 1 && self.kh == 3 && self.kw == 3 && self.sh == 1 && self.sw == 1
     }
 
     /// The input gradient of a Winograd convolution is itself one: the output gradient
@@ -450,9 +464,9 @@ fn col2im(g: &ConvGeometry, cols: &[f32], x: &mut [f32]) {
     }
 }
 
-/// Dense forward: per image, `W [cout, K] * cols [K, P]`, written straight into NCHW.
-/// Images are split over threads; a batch smaller than the thread pool splits each
-/// product instead.
+/// Dense forward: per image and group, `W_g [cout / groups, K_g] * cols_g [K_g, P]`,
+/// written straight into NCHW. Images are split over threads; a batch smaller than the
+/// thread pool splits each product instead.
 pub fn dense_forward(
     g: &ConvGeometry,
     x: &[f32],
@@ -462,7 +476,8 @@ pub fn dense_forward(
     if g.is_winograd() {
         return winograd_forward(g, x, weight, bias);
     }
-    let (k, p) = (g.patch_len(), g.out_plane());
+    let (k, p) = (g.group_patch_len(), g.out_plane());
+    let cout = g.cout_per_group();
     let threads = rayon::current_num_threads();
     let parallelism = if g.batch < threads {
         Parallelism::Rayon(threads)
@@ -470,33 +485,24 @@ pub fn dense_forward(
         Parallelism::None
     };
     let mut y = vec![0f32; g.batch * g.cout * p];
-    let w = MatRef::rows(weight, k);
     y.par_chunks_mut(g.cout * p)
         .zip(x.par_chunks(g.cin * g.in_plane()))
         .with_max_len(1)
         .for_each_init(Vec::new, |cols, (y, x)| {
-            if g.is_pointwise() {
-                matmul_with(
-                    y,
-                    p,
-                    w,
-                    MatRef::rows(x, p),
-                    (g.cout, p, k),
-                    false,
-                    parallelism,
-                );
+            let patches = if g.is_pointwise() {
+                x
             } else {
-                cols.resize(k * p, 0.0);
+                cols.resize(g.patch_len() * p, 0.0);
                 im2col(g, x, cols);
-                matmul_with(
-                    y,
-                    p,
-                    w,
-                    MatRef::rows(cols, p),
-                    (g.cout, p, k),
-                    false,
-                    parallelism,
-                );
+                &cols[..]
+            };
+            let groups = y
+                .chunks_exact_mut(cout * p)
+                .zip(weight.chunks_exact(cout * k))
+                .zip(patches.chunks_exact(k * p));
+            for ((y, w), patches) in groups {
+                let (w, patches) = (MatRef::rows(w, k), MatRef::rows(patches, p));
+                matmul_with(y, p, w, patches, (cout, p, k), false, parallelism);
             }
             if let Some(bias) = bias {
                 for (plane, &b) in y.chunks_exact_mut(p).zip(bias) {
@@ -507,23 +513,33 @@ pub fn dense_forward(
     y
 }
 
-/// Dense input gradient: per image, `W^T [K, cout] * dY [cout, P]`, folded back with col2im.
+/// Dense input gradient: per image and group, `W_g^T [K_g, cout / groups] * dY_g`, folded
+/// back with col2im.
 pub fn dense_backward_input(g: &ConvGeometry, weight: &[f32], grad: &[f32]) -> Vec<f32> {
     if let Some((transposed, rotated)) = g.winograd_input_grad(weight) {
         return winograd_forward(&transposed, grad, &rotated, None);
     }
-    let (k, p) = (g.patch_len(), g.out_plane());
+    let (k, p) = (g.group_patch_len(), g.out_plane());
+    let cout = g.cout_per_group();
     let mut dx = vec![0f32; g.batch * g.cin * g.in_plane()];
-    let w_t = MatRef::transposed(weight, k);
     dx.par_chunks_mut(g.cin * g.in_plane())
         .zip(grad.par_chunks(g.cout * p))
         .for_each_init(Vec::new, |cols, (dx, dy)| {
-            let dy = MatRef::rows(dy, p);
-            if g.is_pointwise() {
-                matmul(dx, w_t, dy, (k, p, g.cout), false);
+            let patches = if g.is_pointwise() {
+                &mut dx[..]
             } else {
-                cols.resize(k * p, 0.0);
-                matmul(cols, w_t, dy, (k, p, g.cout), false);
+                cols.resize(g.patch_len() * p, 0.0);
+                &mut cols[..]
+            };
+            let groups = patches
+                .chunks_exact_mut(k * p)
+                .zip(weight.chunks_exact(cout * k))
+                .zip(dy.chunks_exact(cout * p));
+            for ((patches, w), dy) in groups {
+                let (w_t, dy) = (MatRef::transposed(w, k), MatRef::rows(dy, p));
+                matmul(patches, w_t, dy, (k, p, cout), false);
+            }
+            if !g.is_pointwise() {
                 col2im(g, cols, dx);
             }
         });
@@ -536,9 +552,11 @@ pub fn dense_backward_input(g: &ConvGeometry, weight: &[f32], grad: &[f32]) -> V
 /// (a rayon fold/reduce combines partial sums in an order set by work stealing).
 const WEIGHT_GRAD_PARTIALS: usize = 4;
 
-/// Dense weight gradient: `sum over images of dY [cout, P] * cols^T [P, K]`.
+/// Dense weight gradient: `sum over images of dY_g [cout / groups, P] * cols_g^T [P, K_g]`
+/// for each group.
 pub fn dense_backward_weight(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
-    let (k, p) = (g.patch_len(), g.out_plane());
+    let (k, p) = (g.group_patch_len(), g.out_plane());
+    let cout = g.cout_per_group();
     let len = g.cout * k;
     let runs = g.batch.clamp(1, WEIGHT_GRAD_PARTIALS);
     // Threads left over by the runs go to each run's GEMM, which splits only its output.
@@ -555,16 +573,22 @@ pub fn dense_backward_weight(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f
         .for_each_init(Vec::new, |cols, (run, dw)| {
             for n in run * g.batch / runs..(run + 1) * g.batch / runs {
                 let x = &x[n * image_len..][..image_len];
-                let dy = MatRef::rows(&grad[n * grad_len..][..grad_len], p);
+                let dy = &grad[n * grad_len..][..grad_len];
                 let patches = if g.is_pointwise() {
                     x
                 } else {
-                    cols.resize(k * p, 0.0);
+                    cols.resize(g.patch_len() * p, 0.0);
                     im2col(g, x, cols);
                     &cols[..]
                 };
-                let patches = MatRef::transposed(patches, p);
-                matmul_with(dw, k, dy, patches, (g.cout, k, p), true, inner);
+                let groups = dw
+                    .chunks_exact_mut(cout * k)
+                    .zip(dy.chunks_exact(cout * p))
+                    .zip(patches.chunks_exact(k * p));
+                for ((dw, dy), patches) in groups {
+                    let (dy, patches) = (MatRef::rows(dy, p), MatRef::transposed(patches, p));
+                    matmul_with(dw, k, dy, patches, (cout, k, p), true, inner);
+                }
             }
         });
     let (dw, rest) = partials.split_at_mut(len);

@@ -38,8 +38,9 @@ use cpu::ConvGeometry;
 /// Operations with native CPU kernels (see the module documentation).
 #[backend_extension(Flex, Autodiff)]
 pub trait Kernels: Backend {
-    /// A bias-free 2-D convolution: native forward and backward (burn-flex's own forward for
-    /// depthwise convolutions, and burn's generic code for what the native geometry rejects).
+    /// A bias-free 2-D convolution: native forward and backward, dense and grouped ones one
+    /// group at a time (burn-flex's own forward for depthwise convolutions, and burn's
+    /// generic code for what the native geometry rejects).
     fn conv2d_native(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -1213,11 +1214,12 @@ mod tests {
     /// and padding as (top, bottom, left, right).
     type Case = (&'static str, [usize; 4], usize, usize, usize, [usize; 4]);
 
-    fn check(depthwise: bool, (name, x_shape, cout, kernel, stride, padding): Case) {
+    /// Checks one case split into `groups`; it is depthwise when every channel is a group.
+    fn check(groups: usize, (name, x_shape, cout, kernel, stride, padding): Case) {
         let device = Device::flex().autodiff();
         let cin = x_shape[1];
-        let (per_group, groups) = if depthwise { (1, cin) } else { (cin, 1) };
-        let w_shape = [cout, per_group, kernel, kernel];
+        let depthwise = groups == cin && cout == cin;
+        let w_shape = [cout, cin / groups, kernel, kernel];
         let [t, b, l, r] = padding;
         let options = ConvOptions::new_with_padding([stride; 2], [(t, b), (l, r)], [1, 1], groups);
         let geometry = ConvGeometry::new(x_shape, w_shape, &options).expect("a native case");
@@ -1255,7 +1257,7 @@ mod tests {
             ("3x3 s2 unpadded", [1, 4, 8, 5], 3, 2, [0, 0, 0, 0]),
         ];
         for (name, x, kernel, stride, padding) in cases {
-            check(true, (name, x, x[1], kernel, stride, padding));
+            check(x[1], (name, x, x[1], kernel, stride, padding));
         }
     }
 
@@ -1294,7 +1296,25 @@ mod tests {
             ("7x7 s2", [1, 3, 15, 17], 4, 7, 2, [3, 3, 3, 3]),
         ];
         for case in cases {
-            check(false, case);
+            check(1, case);
+        }
+    }
+
+    /// Grouped convolutions (ResNeXt's and RegNet's 3x3, a grouped 1x1, a depthwise one
+    /// with a channel multiplier) go through the dense kernels one group at a time.
+    #[test]
+    fn grouped_kernels_match_generic() {
+        let cases = [
+            (4, ("3x3 s1 4 groups", [2, 8, 7, 6], 12, 3, 1, [1, 1, 1, 1])),
+            (3, ("3x3 s2 3 groups", [3, 9, 9, 7], 6, 3, 2, [1, 1, 1, 1])),
+            (2, ("1x1 s1 2 groups", [2, 6, 5, 4], 4, 1, 1, [0, 0, 0, 0])),
+            (
+                5,
+                ("3x3 s1 x2 multiplier", [2, 5, 6, 5], 10, 3, 1, [1, 1, 1, 1]),
+            ),
+        ];
+        for (groups, case) in cases {
+            check(groups, case);
         }
     }
 
@@ -1613,10 +1633,15 @@ mod tests {
                 v.iter().map(|x| x.to_bits()).collect()
             };
             let mut out = Vec::new();
-            // im2col (3x3 stride 2), pointwise, Winograd and depthwise, batch 9.
-            for (cout, kernel, stride, groups) in
-                [(6, 3, 2, 1), (6, 1, 1, 1), (6, 3, 1, 1), (5, 3, 1, 5)]
-            {
+            // im2col (3x3 stride 2), pointwise, Winograd, depthwise and grouped, batch 9.
+            let convs = [
+                (6, 3, 2, 1),
+                (6, 1, 1, 1),
+                (6, 3, 1, 1),
+                (5, 3, 1, 5),
+                (10, 3, 1, 5),
+            ];
+            for (cout, kernel, stride, groups) in convs {
                 let x = values([9, 5, 11, 10], 0.1);
                 let w = values([cout, 5 / groups, kernel, kernel], 0.7);
                 let pad = kernel / 2;
