@@ -223,6 +223,149 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum16(a, b, |x, y| x * y)
 }
 
+/// Depthwise forward, a plane at a time: blocks of output columns summed over all taps in
+/// registers, each tap a contiguous load from a zero-padded copy of the plane whose
+/// stride-2 rows are split into even and odd columns. burn-flex's kernel adds each tap to
+/// the whole output row in turn (a load and a store per tap), which on the short rows of
+/// the later layers runs mostly in its scalar remainder loop, and walks stride-2 rows
+/// element by element.
+pub fn depthwise_forward(
+    g: &ConvGeometry,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let (kk, planes) = (g.kh * g.kw, g.cin);
+    let (phase, rows) = (depthwise_phase_width(g), depthwise_padded_rows(g));
+    let row_len = g.sw * phase;
+    // Where tap (ky, kx) of output column 0 of output row 0 reads in the padded plane.
+    let taps: Vec<usize> = (0..kk)
+        .map(|t| {
+            let (ky, kx) = (t / g.kw, t % g.kw);
+            ky * row_len + kx % g.sw * phase + kx / g.sw
+        })
+        .collect();
+    let mut y = vec![0f32; g.batch * planes * g.out_plane()];
+    y.par_chunks_mut(g.out_plane())
+        .zip(x.par_chunks(g.in_plane()))
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; rows * row_len],
+            |padded, (p, (y, x))| {
+                let c = p % planes;
+                let b = bias.map_or(0.0, |b| b[c]);
+                pad_plane(g, x, padded);
+                let w = &weight[c * kk..][..kk];
+                depthwise_plane_forward(g, &taps, w, b, padded, y);
+            },
+        );
+    y
+}
+
+/// Output columns one depthwise accumulator covers: an AVX2 register.
+const LANES: usize = 8;
+
+/// The width of one column phase of a padded row: the output columns (in whole
+/// accumulators) plus the taps to the right of the last.
+fn depthwise_phase_width(g: &ConvGeometry) -> usize {
+    g.ow.div_ceil(LANES) * LANES + (g.kw - 1) / g.sw
+}
+
+/// The rows of a padded plane that the output rows read.
+fn depthwise_padded_rows(g: &ConvGeometry) -> usize {
+    (g.oh - 1) * g.sh + g.kh
+}
+
+/// Copies the plane into `padded`, `[padded rows][sw phases][phase width]`: padded column
+/// `j` goes to phase `j % sw` at `j / sw`. Only the image is written, so the zeros around
+/// it stay from the buffer's allocation for every plane of one convolution.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn pad_plane(g: &ConvGeometry, x: &[f32], padded: &mut [f32]) {
+    let phase = depthwise_phase_width(g);
+    let row_len = g.sw * phase;
+    let rows = depthwise_padded_rows(g);
+    for (iy, src) in x.chunks_exact(g.w).enumerate() {
+        let row = iy + g.pad_top;
+        if row >= rows {
+            break;
+        }
+        let dst = &mut padded[row * row_len..][..row_len];
+        if g.sw == 1 {
+            let n = g.w.min(row_len - g.pad_left);
+            dst[g.pad_left..g.pad_left + n].copy_from_slice(&src[..n]);
+            continue;
+        }
+        for p in 0..g.sw {
+            // The first image column of phase p, and where it lands.
+            let first = (p + g.sw - g.pad_left % g.sw) % g.sw;
+            let Some(src) = src.get(first..) else {
+                continue;
+            };
+            let dst = &mut dst[p * phase + (first + g.pad_left) / g.sw..(p + 1) * phase];
+            for (d, s) in dst.iter_mut().zip(src.iter().step_by(g.sw)) {
+                *d = *s;
+            }
+        }
+    }
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn depthwise_plane_forward(
+    g: &ConvGeometry,
+    taps: &[usize],
+    w: &[f32],
+    bias: f32,
+    padded: &[f32],
+    y: &mut [f32],
+) {
+    let row_len = g.sw * depthwise_phase_width(g);
+    for (oy, out) in y.chunks_exact_mut(g.ow).enumerate() {
+        let rows = &padded[oy * g.sh * row_len..];
+        let mut start = 0;
+        while start + 4 * LANES <= g.ow {
+            let acc = depthwise_blocks::<4>(rows, taps, w, bias, start);
+            out[start..start + 4 * LANES].copy_from_slice(acc.as_flattened());
+            start += 4 * LANES;
+        }
+        while start < g.ow {
+            let [acc] = depthwise_blocks::<1>(rows, taps, w, bias, start);
+            let n = LANES.min(g.ow - start);
+            out[start..start + n].copy_from_slice(&acc[..n]);
+            start += LANES;
+        }
+    }
+}
+
+/// `B` blocks of output columns from `start`, all taps summed in registers (`B`
+/// independent chains of additions, so that they overlap).
+#[inline(always)]
+fn depthwise_blocks<const B: usize>(
+    rows: &[f32],
+    taps: &[usize],
+    w: &[f32],
+    bias: f32,
+    start: usize,
+) -> [[f32; LANES]; B] {
+    let mut acc = [[bias; LANES]; B];
+    for (&tap, &wv) in taps.iter().zip(w) {
+        let (src, _) = rows[tap + start..][..B * LANES].as_chunks::<LANES>();
+        for (a, s) in acc.iter_mut().zip(src) {
+            for (a, s) in a.iter_mut().zip(s) {
+                *a += wv * s;
+            }
+        }
+    }
+    acc
+}
+
 /// Depthwise input gradient.
 pub fn depthwise_backward_input(g: &ConvGeometry, weight: &[f32], grad: &[f32]) -> Vec<f32> {
     let (kk, planes) = (g.kh * g.kw, g.cin);

@@ -288,8 +288,8 @@ impl Kernels for Flex {
     }
 }
 
-/// Forward convolution: dense ones native (im2col + gemm straight into NCHW), depthwise
-/// through burn-flex's own kernel, which is as fast as a plain loop gets.
+/// Forward convolution: dense ones as im2col + gemm straight into NCHW (or Winograd),
+/// depthwise ones by register-blocked direct loops.
 fn conv_forward(
     x: FlexTensor,
     weight: FlexTensor,
@@ -301,8 +301,13 @@ fn conv_forward(
         None => Some(None),
     };
     match native_operands(&x, &weight, &options).zip(bias_f32) {
-        Some(((g, x, w), b)) if !g.depthwise => {
-            let y = cpu::dense_forward(&g, slice(&x), slice(&w), b.as_ref().map(slice));
+        Some(((g, x, w), b)) => {
+            let (x, w, b) = (slice(&x), slice(&w), b.as_ref().map(slice));
+            let y = if g.depthwise {
+                cpu::depthwise_forward(&g, x, w, b)
+            } else {
+                cpu::dense_forward(&g, x, w, b)
+            };
             flex_tensor(y, g.output_shape().to_vec())
         }
         _ => Flex::conv2d(x, weight, bias, options),
@@ -1242,6 +1247,22 @@ mod tests {
         };
         let (y, dx, dw) = run(true);
         let (y_ref, dx_ref, dw_ref) = run(false);
+        // With a bias, outside autodiff: the folded convolutions of inference.
+        let bias = Tensor::<1>::random([cout], normal, &Device::flex());
+        let (x_plain, w_plain) = (x.clone().inner(), w.clone().inner());
+        let with_bias = |conv: fn(_, _, _, _) -> _| {
+            conv(
+                x_plain.clone(),
+                w_plain.clone(),
+                Some(bias.clone()),
+                options.clone(),
+            )
+        };
+        assert_close(
+            &format!("{name} forward with bias"),
+            with_bias(conv2d_flex),
+            with_bias(generic_conv2d),
+        );
         assert_close(&format!("{} forward", name), y, y_ref);
         assert_close(&format!("{} input grad", name), dx, dx_ref);
         assert_close(&format!("{} weight grad", name), dw, dw_ref);
