@@ -4,8 +4,9 @@
 //! generic transposed convolution and a depthwise weight gradient runs one small
 //! convolution per channel; its BatchNorm, ReLU6 and max pooling are compositions of
 //! generic operations. Written directly here: depthwise convolution as loops over one
-//! plane at a time, dense convolution as im2col and GEMMs per image (the `gemm` crate,
-//! which burn-flex itself uses), 3x3 stride-1 convolution by Winograd F(4x4, 3x3), and
+//! plane at a time, dense and grouped convolution as im2col and GEMMs per image and group
+//! (the `gemm` crate, which burn-flex itself uses), dense 3x3 stride-1 convolution by
+//! Winograd F(4x4, 3x3), and
 //! single-pass BatchNorm, ReLU6 and pooling. Work is split over images, planes and
 //! channels with rayon; the hot loops are compiled for several instruction sets
 //! (`multiversion`) because the crate's baseline target is plain SSE2.
@@ -607,6 +608,17 @@ fn col2im(g: &ConvGeometry, cols: &[f32], x: &mut [f32]) {
     }
 }
 
+/// The im2col matrix `[cin * kh * kw, oh * ow]` of one image, unfolded into `cols`; for a
+/// pointwise convolution the image itself.
+fn patches<'a>(g: &ConvGeometry, x: &'a [f32], cols: &'a mut Vec<f32>) -> &'a [f32] {
+    if g.is_pointwise() {
+        return x;
+    }
+    cols.resize(g.patch_len() * g.out_plane(), 0.0);
+    im2col(g, x, cols);
+    cols
+}
+
 /// Dense forward: per image and group, `W_g [cout / groups, K_g] * cols_g [K_g, P]`,
 /// written straight into NCHW. Images are split over threads; a batch smaller than the
 /// thread pool splits each product instead.
@@ -632,13 +644,7 @@ pub fn dense_forward(
         .zip(x.par_chunks(g.cin * g.in_plane()))
         .with_max_len(1)
         .for_each_init(Vec::new, |cols, (y, x)| {
-            let patches = if g.is_pointwise() {
-                x
-            } else {
-                cols.resize(g.patch_len() * p, 0.0);
-                im2col(g, x, cols);
-                &cols[..]
-            };
+            let patches = patches(g, x, cols);
             let groups = y
                 .chunks_exact_mut(cout * p)
                 .zip(weight.chunks_exact(cout * k))
@@ -717,13 +723,7 @@ pub fn dense_backward_weight(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f
             for n in run * g.batch / runs..(run + 1) * g.batch / runs {
                 let x = &x[n * image_len..][..image_len];
                 let dy = &grad[n * grad_len..][..grad_len];
-                let patches = if g.is_pointwise() {
-                    x
-                } else {
-                    cols.resize(g.patch_len() * p, 0.0);
-                    im2col(g, x, cols);
-                    &cols[..]
-                };
+                let patches = patches(g, x, cols);
                 let groups = dw
                     .chunks_exact_mut(cout * k)
                     .zip(dy.chunks_exact(cout * p))
