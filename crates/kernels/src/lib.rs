@@ -55,6 +55,16 @@ pub trait Kernels: Backend {
         options: ConvOptions<2>,
     ) -> FloatTensor<Self>;
 
+    /// The same followed by `activation`, applied to each output plane or image as soon as
+    /// it is written, while it is still in cache (on autodiff: the two ops in turn).
+    fn conv2d_native_bias_activation(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        options: ConvOptions<2>,
+        activation: ConvActivation,
+    ) -> FloatTensor<Self>;
+
     /// `min(max(x, 0), 6)` in one pass; its backward needs only the output.
     fn relu6_native(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
@@ -166,7 +176,7 @@ fn native_operands(
 
 impl Kernels for Flex {
     fn conv2d_native(x: FlexTensor, weight: FlexTensor, options: ConvOptions<2>) -> FlexTensor {
-        conv_forward(x, weight, None, options)
+        conv_forward(x, weight, None, options, None)
     }
 
     fn conv2d_native_bias(
@@ -175,7 +185,17 @@ impl Kernels for Flex {
         bias: FlexTensor,
         options: ConvOptions<2>,
     ) -> FlexTensor {
-        conv_forward(x, weight, Some(bias), options)
+        conv_forward(x, weight, Some(bias), options, None)
+    }
+
+    fn conv2d_native_bias_activation(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        options: ConvOptions<2>,
+        activation: ConvActivation,
+    ) -> FlexTensor {
+        conv_forward(x, weight, Some(bias), options, Some(activation.chunk()))
     }
 
     fn relu6_native(x: FlexTensor) -> FlexTensor {
@@ -295,6 +315,7 @@ fn conv_forward(
     weight: FlexTensor,
     bias: Option<FlexTensor>,
     options: ConvOptions<2>,
+    activation: cpu::OutputActivation,
 ) -> FlexTensor {
     let bias_f32 = match &bias {
         Some(b) => f32_view(b).map(Some),
@@ -304,13 +325,24 @@ fn conv_forward(
         Some(((g, x, w), b)) => {
             let (x, w, b) = (slice(&x), slice(&w), b.as_ref().map(slice));
             let y = if g.depthwise {
-                cpu::depthwise_forward(&g, x, w, b)
+                cpu::depthwise_forward(&g, x, w, b, activation)
             } else {
-                cpu::dense_forward(&g, x, w, b)
+                cpu::dense_forward(&g, x, w, b, activation)
             };
             flex_tensor(y, g.output_shape().to_vec())
         }
-        _ => Flex::conv2d(x, weight, bias, options),
+        _ => {
+            let y = Flex::conv2d(x, weight, bias, options);
+            match activation {
+                Some(activation) => {
+                    let mut y = into_owned_f32(y);
+                    let len = y.layout().num_elements();
+                    activation(&mut y.storage_mut::<f32>()[..len]);
+                    y
+                }
+                None => y,
+            }
+        }
     }
 }
 
@@ -387,6 +419,37 @@ impl Backward<Flex, 2> for Conv2dBackward {
         if let Some(node) = node_x {
             let dx = conv_input_grad(x_shape, &state.weight, grad, &state.options);
             grads.register::<Flex>(node.id, dx);
+        }
+    }
+}
+
+/// The activations a folded inference convolution can apply to its output as it writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvActivation {
+    /// `min(max(x, 0), 6)`.
+    Relu6,
+    /// One of the [`Activation`]s.
+    Native(Activation),
+}
+
+impl ConvActivation {
+    /// The activation over one slice, on the calling thread.
+    fn chunk(self) -> fn(&mut [f32]) {
+        match self {
+            ConvActivation::Relu6 => cpu::relu6_chunk,
+            ConvActivation::Native(Activation::Silu) => cpu::silu_chunk,
+            ConvActivation::Native(Activation::Gelu) => cpu::gelu_chunk,
+            ConvActivation::Native(Activation::Hardswish) => cpu::hardswish_chunk,
+        }
+    }
+
+    /// The activation as its own op (through its native kernel where there is one).
+    pub fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            ConvActivation::Relu6 => relu6(x),
+            ConvActivation::Native(Activation::Silu) => silu(x),
+            ConvActivation::Native(Activation::Gelu) => gelu(x),
+            ConvActivation::Native(Activation::Hardswish) => hardswish(x),
         }
     }
 }
@@ -916,6 +979,20 @@ impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
         Self::float_add(y, Self::float_reshape(bias, [1, channels, 1, 1].into()))
     }
 
+    fn conv2d_native_bias_activation(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        options: ConvOptions<2>,
+        activation: ConvActivation,
+    ) -> FloatTensor<Self> {
+        let y = Self::conv2d_native_bias(x, weight, bias, options);
+        match activation {
+            ConvActivation::Relu6 => Self::relu6_native(y),
+            ConvActivation::Native(op) => Self::activation_native(y, op),
+        }
+    }
+
     fn conv2d_native(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -928,7 +1005,7 @@ impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (x, weight) = (x.into_primitive(), weight.into_primitive());
-                let y = conv_forward(x.clone(), weight.clone(), None, options.clone());
+                let y = conv_forward(x.clone(), weight.clone(), None, options.clone(), None);
                 let state = Conv2dState { x, weight, options };
                 prep.finish(state, y)
             }
@@ -937,6 +1014,7 @@ impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
                 weight.into_primitive(),
                 None,
                 options,
+                None,
             )),
         }
     }
@@ -997,6 +1075,31 @@ fn on_flex(device: &Device) -> bool {
         device.as_dispatch().clone().inner(),
         DispatchDevice::Flex(_)
     )
+}
+
+/// `activation(conv.forward(x))`, on the CPU in one native op when `conv` has a bias (as a
+/// convolution with BatchNorm folded into it does): each output image or plane gets the
+/// activation as soon as it is written, one pass over the activations from memory fewer.
+pub fn conv2d_activation(conv: &Conv2d, x: Tensor<4>, activation: ConvActivation) -> Tensor<4> {
+    let (Some(bias), &PaddingConfig2d::Explicit(top, left, bottom, right)) =
+        (&conv.bias, &conv.padding)
+    else {
+        return activation.apply(conv2d(conv, x));
+    };
+    if !on_flex(&x.device()) || x.dtype() != DType::F32 {
+        return activation.apply(conv2d(conv, x));
+    }
+    let options = ConvOptions::new_with_padding(
+        conv.stride,
+        [(top, bottom), (left, right)],
+        conv.dilation,
+        conv.groups,
+    );
+    let (x, weight) = (x.into_dispatch(), conv.weight.val().into_dispatch());
+    let bias = bias.val().into_dispatch();
+    Tensor::from_dispatch(<Dispatch as Kernels>::conv2d_native_bias_activation(
+        x, weight, bias, options, activation,
+    ))
 }
 
 /// `conv.forward(x)` through the native kernels on the CPU.
@@ -1258,11 +1361,44 @@ mod tests {
                 options.clone(),
             )
         };
+        let reference = with_bias(generic_conv2d);
         assert_close(
             &format!("{name} forward with bias"),
             with_bias(conv2d_flex),
-            with_bias(generic_conv2d),
+            reference.clone(),
         );
+        let activations = [
+            (
+                ConvActivation::Relu6,
+                burn::tensor::activation::relu6 as fn(_) -> _,
+            ),
+            (
+                ConvActivation::Native(Activation::Silu),
+                burn::tensor::activation::silu,
+            ),
+            (
+                ConvActivation::Native(Activation::Gelu),
+                burn::tensor::activation::gelu,
+            ),
+            (
+                ConvActivation::Native(Activation::Hardswish),
+                burn::tensor::activation::hard_swish,
+            ),
+        ];
+        for (activation, generic) in activations {
+            let fused = <Dispatch as Kernels>::conv2d_native_bias_activation(
+                x_plain.clone().into_dispatch(),
+                w_plain.clone().into_dispatch(),
+                bias.clone().into_dispatch(),
+                options.clone(),
+                activation,
+            );
+            assert_close(
+                &format!("{name} forward with bias and {activation:?}"),
+                Tensor::from_dispatch(fused),
+                generic(reference.clone()),
+            );
+        }
         assert_close(&format!("{} forward", name), y, y_ref);
         assert_close(&format!("{} input grad", name), dx, dx_ref);
         assert_close(&format!("{} weight grad", name), dw, dw_ref);

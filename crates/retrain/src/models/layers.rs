@@ -74,6 +74,18 @@ impl Layer {
         }
     }
 
+    /// The activation this layer is, as a convolution can apply it to its output.
+    fn conv_activation(&self) -> Option<kernels::ConvActivation> {
+        use kernels::{Activation, ConvActivation};
+        Some(match self {
+            Layer::ReLU6(_) => ConvActivation::Relu6,
+            Layer::SiLU(_) => ConvActivation::Native(Activation::Silu),
+            Layer::Hardswish(_) => ConvActivation::Native(Activation::Hardswish),
+            Layer::GELU(_) => ConvActivation::Native(Activation::Gelu),
+            _ => return None,
+        })
+    }
+
     /// Forward for the classifier part, on pooled features.
     pub fn forward_2d(&self, x: Tensor<2>) -> Tensor<2> {
         match self {
@@ -142,9 +154,23 @@ pub fn fold_sequential(layers: &mut [Layer]) {
     }
 }
 
-/// Run `layers` in order, as `nn.Sequential.forward` does.
-pub fn sequential(layers: &[Layer], x: Tensor<4>) -> Tensor<4> {
-    layers.iter().fold(x, |x, layer| layer.forward(x))
+/// Run `layers` in order, as `nn.Sequential.forward` does. A convolution with its
+/// BatchNorm folded in (at inference) runs as one op with the activation after it.
+pub fn sequential(layers: &[Layer], mut x: Tensor<4>) -> Tensor<4> {
+    let mut rest = layers;
+    while let Some((layer, tail)) = rest.split_first() {
+        if let [Layer::Conv2d(conv), Layer::BatchNorm2d(bn), after, ..] = rest
+            && bn.folded
+            && let Some(activation) = after.conv_activation()
+        {
+            x = kernels::conv2d_activation(conv, x, activation);
+            rest = &rest[3..];
+            continue;
+        }
+        x = layer.forward(x);
+        rest = tail;
+    }
+    x
 }
 
 /// Kaiming-normal with fan_out, as torchvision initialises its convolutions.
