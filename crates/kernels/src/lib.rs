@@ -1081,20 +1081,10 @@ fn on_flex(device: &Device) -> bool {
 /// convolution with BatchNorm folded into it does): each output image or plane gets the
 /// activation as soon as it is written, one pass over the activations from memory fewer.
 pub fn conv2d_activation(conv: &Conv2d, x: Tensor<4>, activation: ConvActivation) -> Tensor<4> {
-    let (Some(bias), &PaddingConfig2d::Explicit(top, left, bottom, right)) =
-        (&conv.bias, &conv.padding)
-    else {
+    let native = native_options(conv, &x).zip(conv.bias.as_ref());
+    let Some((options, bias)) = native.filter(|_| x.dtype() == DType::F32) else {
         return activation.apply(conv2d(conv, x));
     };
-    if !on_flex(&x.device()) || x.dtype() != DType::F32 {
-        return activation.apply(conv2d(conv, x));
-    }
-    let options = ConvOptions::new_with_padding(
-        conv.stride,
-        [(top, bottom), (left, right)],
-        conv.dilation,
-        conv.groups,
-    );
     let (x, weight) = (x.into_dispatch(), conv.weight.val().into_dispatch());
     let bias = bias.val().into_dispatch();
     Tensor::from_dispatch(<Dispatch as Kernels>::conv2d_native_bias_activation(
@@ -1104,20 +1094,27 @@ pub fn conv2d_activation(conv: &Conv2d, x: Tensor<4>, activation: ConvActivation
 
 /// `conv.forward(x)` through the native kernels on the CPU.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let PaddingConfig2d::Explicit(top, left, bottom, right) = conv.padding else {
+    let Some(options) = native_options(conv, &x) else {
         return conv.forward(x);
     };
-    if !on_flex(&x.device()) {
-        return conv.forward(x);
-    }
-    let options = ConvOptions::new_with_padding(
-        conv.stride,
-        [(top, bottom), (left, right)],
-        conv.dilation,
-        conv.groups,
-    );
     let bias = conv.bias.as_ref().map(|b| b.val());
     conv2d_flex(x, conv.weight.val(), bias, options)
+}
+
+/// `conv`'s options for the native kernels: `None` off the CPU, or for padding burn
+/// resolves itself (`Same`, `Valid`).
+fn native_options(conv: &Conv2d, x: &Tensor<4>) -> Option<ConvOptions<2>> {
+    let PaddingConfig2d::Explicit(top, left, bottom, right) = conv.padding else {
+        return None;
+    };
+    on_flex(&x.device()).then(|| {
+        ConvOptions::new_with_padding(
+            conv.stride,
+            [(top, bottom), (left, right)],
+            conv.dilation,
+            conv.groups,
+        )
+    })
 }
 
 /// A convolution of tensors on a flex device through [`Kernels`].
