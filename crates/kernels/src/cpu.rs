@@ -338,10 +338,8 @@ fn pad_plane(g: &ConvGeometry, x: &[f32], padded: &mut [f32]) {
 fn deinterleave_row(src: &[f32], pad: usize, (even, odd): (&mut [f32], &mut [f32])) {
     // The image column that falls on the first even padded column.
     let first = pad % 2;
-    if first == 1 {
-        if let (Some(o), Some(&s)) = (odd.get_mut(pad / 2), src.first()) {
-            *o = s;
-        }
+    if let (1, Some(o), Some(&s)) = (first, odd.get_mut(pad / 2), src.first()) {
+        *o = s;
     }
     let start = (first + pad) / 2;
     let (Some(even), Some(odd), Some(src)) = (
