@@ -1100,15 +1100,15 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * LN2_HI - n * LN2_LO;
+    // Fused multiply-adds throughout: Rust does not contract `a * b + c` on its own, and
+    // the separate multiply and add doubled the latency of the polynomial's chain.
+    let n = x.mul_add(std::f32::consts::LOG2_E, 0.5).floor();
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        p = p.mul_add(r, c);
+    }
+    let y = (p * r).mul_add(r, r + 1.0);
     // 2^n through the exponent bits. Adding 1.5 * 2^23 leaves n + 127 as an integer in the
     // low mantissa bits, and the shift drops the rest: a conversion that vectorises, where
     // `as i32` saturates lane by lane (it made SiLU a third of EfficientNet's inference).
