@@ -225,11 +225,6 @@ fn sum16(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    sum16(a, b, |x, y| x * y)
-}
-
 /// Depthwise forward, a plane at a time: blocks of output columns summed over all taps in
 /// registers, each tap a contiguous load from a zero-padded copy of the plane whose
 /// stride-2 rows are split into even and odd columns. burn-flex's kernel adds each tap to
@@ -244,21 +239,14 @@ pub fn depthwise_forward(
     activation: OutputActivation,
 ) -> Vec<f32> {
     let (kk, planes) = (g.kh * g.kw, g.cin);
-    let (phase, rows) = (depthwise_phase_width(g), depthwise_padded_rows(g));
-    let row_len = g.sw * phase;
-    // Where tap (ky, kx) of output column 0 of output row 0 reads in the padded plane.
-    let taps: Vec<usize> = (0..kk)
-        .map(|t| {
-            let (ky, kx) = (t / g.kw, t % g.kw);
-            ky * row_len + kx % g.sw * phase + kx / g.sw
-        })
-        .collect();
+    let taps = depthwise_taps(g);
+    let padded_len = depthwise_padded_len(g);
     let mut y = uninit_output(g.batch * planes * g.out_plane());
     y.par_chunks_mut(g.out_plane())
         .zip(x.par_chunks(g.in_plane()))
         .enumerate()
         .for_each_init(
-            || vec![0f32; rows * row_len],
+            || vec![0f32; padded_len],
             |padded, (p, (y, x))| {
                 let c = p % planes;
                 let b = bias.map_or(0.0, |b| b[c]);
@@ -273,6 +261,23 @@ pub fn depthwise_forward(
         );
     // SAFETY: every plane was written above.
     unsafe { written(y) }
+}
+
+/// Where each tap `(ky, kx)` of output `(0, 0)` reads in a padded plane (see [`pad_plane`]).
+fn depthwise_taps(g: &ConvGeometry) -> Vec<usize> {
+    let phase = depthwise_phase_width(g);
+    let row_len = g.sw * phase;
+    (0..g.kh * g.kw)
+        .map(|t| {
+            let (ky, kx) = (t / g.kw, t % g.kw);
+            ky * row_len + kx % g.sw * phase + kx / g.sw
+        })
+        .collect()
+}
+
+/// The floats of one padded plane.
+fn depthwise_padded_len(g: &ConvGeometry) -> usize {
+    depthwise_padded_rows(g) * g.sw * depthwise_phase_width(g)
 }
 
 /// Output columns one depthwise accumulator covers: an AVX2 register.
@@ -430,18 +435,29 @@ fn depthwise_rows<const R: usize>(
     }
 }
 
-/// Depthwise input gradient.
+/// Depthwise input gradient: per plane, each tap's contribution added to a padded plane's
+/// gradient (laid out as [`pad_plane`]'s, so every tap is a contiguous run, stride 2
+/// included), which is then cropped back to the image.
 pub fn depthwise_backward_input(g: &ConvGeometry, weight: &[f32], grad: &[f32]) -> Vec<f32> {
     let (kk, planes) = (g.kh * g.kw, g.cin);
-    let mut dx = vec![0f32; g.batch * planes * g.in_plane()];
+    let taps = depthwise_taps(g);
+    let padded_len = depthwise_padded_len(g);
+    let mut dx = uninit_output(g.batch * planes * g.in_plane());
     dx.par_chunks_mut(g.in_plane())
         .zip(grad.par_chunks(g.out_plane()))
         .enumerate()
-        .for_each(|(p, (dx, dy))| {
-            let w = &weight[(p % planes) * kk..][..kk];
-            depthwise_plane_input_grad(g, w, dy, dx);
-        });
-    dx
+        .for_each_init(
+            || (vec![0f32; padded_len], Vec::new()),
+            |(padded, dy_rows), (p, (dx, dy))| {
+                let w = &weight[(p % planes) * kk..][..kk];
+                pad_rows(g, dy, dy_rows);
+                padded.fill(0.0);
+                depthwise_plane_input_grad(g, &taps, w, dy_rows, padded);
+                crop_plane(g, padded, zero(dx));
+            },
+        );
+    // SAFETY: every plane was zeroed, then cropped into.
+    unsafe { written(dx) }
 }
 
 #[multiversion(targets(
@@ -449,40 +465,112 @@ pub fn depthwise_backward_input(g: &ConvGeometry, weight: &[f32], grad: &[f32]) 
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
-fn depthwise_plane_input_grad(g: &ConvGeometry, w: &[f32], dy: &[f32], dx: &mut [f32]) {
-    for oy in 0..g.oh {
-        let dy_row = &dy[oy * g.ow..][..g.ow];
-        for (ky, iy) in g.window_rows(oy) {
-            let dx_row = &mut dx[iy * g.w..][..g.w];
-            for kx in 0..g.kw {
-                let wv = w[ky * g.kw + kx];
-                let (lo, hi, ix) = g.column_span(kx);
-                if g.sw == 1 {
-                    for (d, o) in dx_row[ix..].iter_mut().zip(&dy_row[lo..hi]) {
-                        *d += wv * o;
-                    }
-                } else {
-                    let targets = dx_row[ix..].iter_mut().step_by(g.sw);
-                    for (d, o) in targets.zip(&dy_row[lo..hi]) {
-                        *d += wv * o;
-                    }
-                }
+fn depthwise_plane_input_grad(
+    g: &ConvGeometry,
+    taps: &[usize],
+    w: &[f32],
+    dy_rows: &[f32],
+    padded: &mut [f32],
+) {
+    let step = g.sh * g.sw * depthwise_phase_width(g);
+    let width = g.ow.next_multiple_of(LANES);
+    for (&tap, &wv) in taps.iter().zip(w) {
+        for (oy, dy) in dy_rows.chunks_exact(width).enumerate() {
+            let dst = &mut padded[oy * step + tap..][..width];
+            for (d, dy) in dst.iter_mut().zip(dy) {
+                *d = wv.mul_add(*dy, *d);
             }
         }
     }
 }
 
-/// Depthwise weight gradient: per plane partial sums, then a sum over the batch.
+/// The image part of a padded plane's gradient (the inverse of [`pad_plane`]) into `dx`,
+/// zeroed: image rows and columns that no output reads keep their zero.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn crop_plane(g: &ConvGeometry, padded: &[f32], dx: &mut [f32]) {
+    let phase = depthwise_phase_width(g);
+    let row_len = g.sw * phase;
+    let rows = depthwise_padded_rows(g);
+    for (iy, dst) in dx.chunks_exact_mut(g.w).enumerate() {
+        let row = iy + g.pad_top;
+        if row >= rows {
+            break;
+        }
+        let src = &padded[row * row_len..][..row_len];
+        if g.sw == 1 {
+            let n = g.w.min(row_len - g.pad_left);
+            dst[..n].copy_from_slice(&src[g.pad_left..g.pad_left + n]);
+            continue;
+        }
+        if g.sw == 2 {
+            interleave_row(src.split_at(phase), g.pad_left, dst);
+            continue;
+        }
+        for p in 0..g.sw {
+            // The first image column of phase p, and where it lands.
+            let first = (p + g.sw - g.pad_left % g.sw) % g.sw;
+            let Some(dst) = dst.get_mut(first..) else {
+                continue;
+            };
+            let src = &src[p * phase + (first + g.pad_left) / g.sw..(p + 1) * phase];
+            for (d, s) in dst.iter_mut().step_by(g.sw).zip(src) {
+                *d = *s;
+            }
+        }
+    }
+}
+
+/// The inverse of [`deinterleave_row`]: the even and odd phases of a stride-2 padded row
+/// back into the image row `dst`.
+#[inline(always)]
+fn interleave_row((even, odd): (&[f32], &[f32]), pad: usize, dst: &mut [f32]) {
+    let first = pad % 2;
+    if let (1, Some(&o), Some(d)) = (first, odd.get(pad / 2), dst.first_mut()) {
+        *d = o;
+    }
+    let start = (first + pad) / 2;
+    let (Some(even), Some(odd), Some(dst)) =
+        (even.get(start..), odd.get(start..), dst.get_mut(first..))
+    else {
+        return;
+    };
+    let mut pairs = dst.chunks_exact_mut(2);
+    let mut read = 0;
+    for ((e, o), pair) in even.iter().zip(odd).zip(pairs.by_ref()) {
+        (pair[0], pair[1]) = (*e, *o);
+        read += 1;
+    }
+    if let ([last], Some(e)) = (pairs.into_remainder(), even.get(read)) {
+        *last = *e;
+    }
+}
+
+/// Depthwise weight gradient: per plane partial sums, then a sum over the batch in image
+/// order. Each tap's sum runs over the padded plane of the forward (every tap a contiguous
+/// load, stride 2 included) and the output gradient with its rows padded to whole
+/// registers, in one register: a dot product per row and tap, as before, spent most of
+/// its time in horizontal sums and stride-2 gathers.
 pub fn depthwise_backward_weight(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let (kk, planes) = (g.kh * g.kw, g.cin);
+    let taps = depthwise_taps(g);
+    let padded_len = depthwise_padded_len(g);
     let mut partial = vec![0f32; g.batch * planes * kk];
     partial
         .par_chunks_mut(kk)
         .zip(x.par_chunks(g.in_plane()))
         .zip(grad.par_chunks(g.out_plane()))
-        .for_each_init(Vec::new, |gathered, ((dw, x), dy)| {
-            depthwise_plane_weight_grad(g, x, dy, dw, gathered);
-        });
+        .for_each_init(
+            || (vec![0f32; padded_len], Vec::new()),
+            |(padded, dy_rows), ((dw, x), dy)| {
+                pad_plane(g, x, padded);
+                pad_rows(g, dy, dy_rows);
+                depthwise_plane_weight_grad(g, &taps, padded, dy_rows, dw);
+            },
+        );
     let mut dw = vec![0f32; planes * kk];
     for image in partial.chunks_exact(planes * kk) {
         for (d, p) in dw.iter_mut().zip(image) {
@@ -492,7 +580,16 @@ pub fn depthwise_backward_weight(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> V
     dw
 }
 
-/// `gathered` is scratch space for the strided input columns of a stride-2 convolution.
+/// The output rows padded with zeros to whole accumulators of [`LANES`].
+fn pad_rows(g: &ConvGeometry, dy: &[f32], rows: &mut Vec<f32>) {
+    let width = g.ow.next_multiple_of(LANES);
+    rows.clear();
+    for row in dy.chunks_exact(g.ow) {
+        rows.extend_from_slice(row);
+        rows.resize(rows.len() + width - g.ow, 0.0);
+    }
+}
+
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
     "x86_64+avx2+fma",
@@ -500,27 +597,29 @@ pub fn depthwise_backward_weight(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> V
 ))]
 fn depthwise_plane_weight_grad(
     g: &ConvGeometry,
-    x: &[f32],
-    dy: &[f32],
+    taps: &[usize],
+    padded: &[f32],
+    dy_rows: &[f32],
     dw: &mut [f32],
-    gathered: &mut Vec<f32>,
 ) {
-    for oy in 0..g.oh {
-        let dy_row = &dy[oy * g.ow..][..g.ow];
-        for (ky, iy) in g.window_rows(oy) {
-            let x_row = &x[iy * g.w..][..g.w];
-            for kx in 0..g.kw {
-                let (lo, hi, ix) = g.column_span(kx);
-                let n = hi - lo;
-                dw[ky * g.kw + kx] += if g.sw == 1 {
-                    dot(&dy_row[lo..hi], &x_row[ix..ix + n])
-                } else {
-                    gathered.clear();
-                    gathered.extend(x_row[ix..].iter().step_by(g.sw).take(n));
-                    dot(&dy_row[lo..hi], gathered)
-                };
+    let step = g.sh * g.sw * depthwise_phase_width(g);
+    let width = g.ow.next_multiple_of(LANES);
+    for (d, &tap) in dw.iter_mut().zip(taps) {
+        let mut acc = [0f32; LANES];
+        for (oy, dy) in dy_rows.chunks_exact(width).enumerate() {
+            let src = &padded[oy * step + tap..][..width];
+            for (dy, src) in dy
+                .as_chunks::<LANES>()
+                .0
+                .iter()
+                .zip(src.as_chunks::<LANES>().0)
+            {
+                for ((a, dy), s) in acc.iter_mut().zip(dy).zip(src) {
+                    *a = dy.mul_add(*s, *a);
+                }
             }
         }
+        *d = acc.iter().sum();
     }
 }
 
@@ -1105,7 +1204,13 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
     let n = x.mul_add(std::f32::consts::LOG2_E, 0.5).floor();
     let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
     let mut p = 1.987_569_1e-4_f32;
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
         p = p.mul_add(r, c);
     }
     let y = (p * r).mul_add(r, r + 1.0);
