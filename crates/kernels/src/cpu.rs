@@ -889,11 +889,13 @@ pub fn dense_forward(
     } else {
         Parallelism::None
     };
+    // At least 16 columns, so that neither an empty plane nor a very wide layer makes it 0.
     let block = if bias.is_none() && activation.is_none() {
         p
     } else {
-        (EPILOGUE_BLOCK / g.cout).next_multiple_of(16).min(p)
-    };
+        (EPILOGUE_BLOCK / g.cout).next_multiple_of(16)
+    }
+    .max(16);
     let mut y = uninit_output(g.batch * g.cout * p);
     y.par_chunks_mut(g.cout * p)
         .zip(x.par_chunks(g.cin * g.in_plane()))
