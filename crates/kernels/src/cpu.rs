@@ -304,35 +304,46 @@ fn depthwise_padded_rows(g: &ConvGeometry) -> usize {
 ))]
 fn pad_plane(g: &ConvGeometry, x: &[f32], padded: &mut [f32]) {
     let phase = depthwise_phase_width(g);
-    let row_len = g.sw * phase;
-    let rows = depthwise_padded_rows(g);
-    for (iy, src) in x.chunks_exact(g.w).enumerate() {
-        let row = iy + g.pad_top;
-        if row >= rows {
-            break;
-        }
-        let dst = &mut padded[row * row_len..][..row_len];
-        if g.sw == 1 {
-            let n = g.w.min(row_len - g.pad_left);
-            dst[g.pad_left..g.pad_left + n].copy_from_slice(&src[..n]);
-            continue;
-        }
-        if g.sw == 2 {
-            deinterleave_row(src, g.pad_left, dst.split_at_mut(phase));
-            continue;
-        }
-        for p in 0..g.sw {
-            // The first image column of phase p, and where it lands.
-            let first = (p + g.sw - g.pad_left % g.sw) % g.sw;
-            let Some(src) = src.get(first..) else {
-                continue;
-            };
-            let dst = &mut dst[p * phase + (first + g.pad_left) / g.sw..(p + 1) * phase];
-            for (d, s) in dst.iter_mut().zip(src.iter().step_by(g.sw)) {
-                *d = *s;
+    for (iy, start) in padded_row_starts(g) {
+        let (src, dst) = (&x[iy * g.w..][..g.w], &mut padded[start..][..g.sw * phase]);
+        match g.sw {
+            1 => {
+                let n = g.w.min(phase - g.pad_left);
+                dst[g.pad_left..g.pad_left + n].copy_from_slice(&src[..n]);
+            }
+            2 => deinterleave_row(src, g.pad_left, dst.split_at_mut(phase)),
+            _ => {
+                for (first, span) in phase_spans(g) {
+                    if let Some(src) = src.get(first..) {
+                        for (d, s) in dst[span].iter_mut().zip(src.iter().step_by(g.sw)) {
+                            *d = *s;
+                        }
+                    }
+                }
             }
         }
     }
+}
+
+/// The image rows that some output reads, each with the start of its row in the padded
+/// plane.
+fn padded_row_starts(g: &ConvGeometry) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let row_len = g.sw * depthwise_phase_width(g);
+    let rows = depthwise_padded_rows(g).saturating_sub(g.pad_top);
+    (0..g.h.min(rows)).map(move |iy| (iy, (iy + g.pad_top) * row_len))
+}
+
+/// For each column phase of a padded row: the first image column that falls in it, and
+/// the part of the row that image columns from there on (every `sw`-th) fill.
+fn phase_spans(g: &ConvGeometry) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> + '_ {
+    let phase = depthwise_phase_width(g);
+    (0..g.sw).map(move |p| {
+        let first = (p + g.sw - g.pad_left % g.sw) % g.sw;
+        (
+            first,
+            p * phase + (first + g.pad_left) / g.sw..(p + 1) * phase,
+        )
+    })
 }
 
 /// One image row into the even and odd phases of a stride-2 padded row, `pad` zeros to
@@ -493,32 +504,22 @@ fn depthwise_plane_input_grad(
 ))]
 fn crop_plane(g: &ConvGeometry, padded: &[f32], dx: &mut [f32]) {
     let phase = depthwise_phase_width(g);
-    let row_len = g.sw * phase;
-    let rows = depthwise_padded_rows(g);
-    for (iy, dst) in dx.chunks_exact_mut(g.w).enumerate() {
-        let row = iy + g.pad_top;
-        if row >= rows {
-            break;
-        }
-        let src = &padded[row * row_len..][..row_len];
-        if g.sw == 1 {
-            let n = g.w.min(row_len - g.pad_left);
-            dst[..n].copy_from_slice(&src[g.pad_left..g.pad_left + n]);
-            continue;
-        }
-        if g.sw == 2 {
-            interleave_row(src.split_at(phase), g.pad_left, dst);
-            continue;
-        }
-        for p in 0..g.sw {
-            // The first image column of phase p, and where it lands.
-            let first = (p + g.sw - g.pad_left % g.sw) % g.sw;
-            let Some(dst) = dst.get_mut(first..) else {
-                continue;
-            };
-            let src = &src[p * phase + (first + g.pad_left) / g.sw..(p + 1) * phase];
-            for (d, s) in dst.iter_mut().step_by(g.sw).zip(src) {
-                *d = *s;
+    for (iy, start) in padded_row_starts(g) {
+        let (src, dst) = (&padded[start..][..g.sw * phase], &mut dx[iy * g.w..][..g.w]);
+        match g.sw {
+            1 => {
+                let n = g.w.min(phase - g.pad_left);
+                dst[..n].copy_from_slice(&src[g.pad_left..g.pad_left + n]);
+            }
+            2 => interleave_row(src.split_at(phase), g.pad_left, dst),
+            _ => {
+                for (first, span) in phase_spans(g) {
+                    if let Some(dst) = dst.get_mut(first..) {
+                        for (d, s) in dst.iter_mut().step_by(g.sw).zip(&src[span]) {
+                            *d = *s;
+                        }
+                    }
+                }
             }
         }
     }
