@@ -17,6 +17,8 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+mod winograd;
+
 /// An elementwise function a forward convolution applies to each output plane (or image)
 /// right after writing it, while it is still in cache: the activation after a convolution
 /// with BatchNorm folded into it, at inference. `None` for none.
@@ -880,7 +882,7 @@ pub fn dense_forward(
     activation: OutputActivation,
 ) -> Vec<f32> {
     if g.is_winograd() {
-        return winograd_forward(g, x, weight, bias, activation);
+        return winograd::forward(g, x, weight, bias, activation);
     }
     let (k, p) = (g.group_patch_len(), g.out_plane());
     let cout = g.cout_per_group();
@@ -942,7 +944,7 @@ const EPILOGUE_BLOCK: usize = 32 * 1024;
 /// back with col2im.
 pub fn dense_backward_input(g: &ConvGeometry, weight: &[f32], grad: &[f32]) -> Vec<f32> {
     if let Some((transposed, rotated)) = g.winograd_input_grad(weight) {
-        return winograd_forward(&transposed, grad, &rotated, None, None);
+        return winograd::forward(&transposed, grad, &rotated, None, None);
     }
     let (k, p) = (g.group_patch_len(), g.out_plane());
     let cout = g.cout_per_group();
@@ -1567,215 +1569,4 @@ pub fn max_pool_backward(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> 
             }
         });
     dx
-}
-
-// Winograd F(4x4, 3x3) (Lavin and Gray, 2016): each 4x4 output tile is computed from a
-// 6x6 input tile with 36 multiplications per input channel instead of 144. The products
-// become 36 matrix products, one per position of the transformed tile, over all tiles of
-// the batch at once:
-//   U = G g G^T (weights), V = B^T d B (input tiles), M = U V (per position), Y = A^T M A,
-// with the interpolation points 0, 1, -1, 2, -2 and infinity. Layouts keep each matrix
-// product's operands strided views: U [cout][36][cin], V [cin][36][tiles],
-// M [cout][36][tiles].
-
-/// Output tile side.
-const TILE: usize = 4;
-/// Transformed tile side and number of positions.
-const SIDE: usize = 6;
-const POSITIONS: usize = SIDE * SIDE;
-
-/// `G x` for one filter column or row.
-#[inline(always)]
-fn filter_1d([g0, g1, g2]: [f32; 3]) -> [f32; SIDE] {
-    let even = g0 + g2;
-    [
-        0.25 * g0,
-        -(even + g1) / 6.0,
-        -(even - g1) / 6.0,
-        g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
-        g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
-        g2,
-    ]
-}
-
-/// `B^T x` for one input-tile column or row.
-#[inline(always)]
-fn input_1d([d0, d1, d2, d3, d4, d5]: [f32; SIDE]) -> [f32; SIDE] {
-    [
-        4.0 * d0 - 5.0 * d2 + d4,
-        -4.0 * (d1 + d2) + d3 + d4,
-        4.0 * (d1 - d2) - d3 + d4,
-        2.0 * (d3 - d1) - d2 + d4,
-        2.0 * (d1 - d3) - d2 + d4,
-        4.0 * d1 - 5.0 * d3 + d5,
-    ]
-}
-
-/// `A^T x` for one transformed column or row.
-#[inline(always)]
-fn output_1d([m0, m1, m2, m3, m4, m5]: [f32; SIDE]) -> [f32; TILE] {
-    let (sum12, diff12, sum34, diff34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
-    [
-        m0 + sum12 + sum34,
-        diff12 + 2.0 * diff34,
-        sum12 + 4.0 * sum34,
-        diff12 + 8.0 * diff34 + m5,
-    ]
-}
-
-/// `G g G^T` for one 3x3 filter, row-major.
-fn winograd_filter(g: &[f32]) -> [f32; POSITIONS] {
-    let columns: [[f32; SIDE]; 3] = std::array::from_fn(|c| filter_1d([g[c], g[3 + c], g[6 + c]]));
-    let mut u = [0f32; POSITIONS];
-    for r in 0..SIDE {
-        let row = filter_1d([columns[0][r], columns[1][r], columns[2][r]]);
-        u[r * SIDE..(r + 1) * SIDE].copy_from_slice(&row);
-    }
-    u
-}
-
-/// `B^T d B` for one 6x6 input tile, row-major.
-#[inline(always)]
-fn winograd_input_tile(d: &[f32; POSITIONS]) -> [f32; POSITIONS] {
-    let columns: [[f32; SIDE]; SIDE] =
-        std::array::from_fn(|c| input_1d(std::array::from_fn(|r| d[r * SIDE + c])));
-    let mut v = [0f32; POSITIONS];
-    for r in 0..SIDE {
-        let row = input_1d(std::array::from_fn(|c| columns[c][r]));
-        v[r * SIDE..(r + 1) * SIDE].copy_from_slice(&row);
-    }
-    v
-}
-
-/// `A^T m A`: the 4x4 output tile, row-major.
-#[inline(always)]
-fn winograd_output_tile(m: &[f32; POSITIONS]) -> [f32; TILE * TILE] {
-    let columns: [[f32; TILE]; SIDE] =
-        std::array::from_fn(|c| output_1d(std::array::from_fn(|r| m[r * SIDE + c])));
-    let mut y = [0f32; TILE * TILE];
-    for r in 0..TILE {
-        let row = output_1d(std::array::from_fn(|c| columns[c][r]));
-        y[r * TILE..(r + 1) * TILE].copy_from_slice(&row);
-    }
-    y
-}
-
-/// A 3x3 stride-1 dense convolution by Winograd F(4x4, 3x3).
-fn winograd_forward(
-    g: &ConvGeometry,
-    x: &[f32],
-    weight: &[f32],
-    bias: Option<&[f32]>,
-    activation: OutputActivation,
-) -> Vec<f32> {
-    let (tiles_h, tiles_w) = (g.oh.div_ceil(TILE), g.ow.div_ceil(TILE));
-    let tiles = tiles_h * tiles_w;
-    let all_tiles = g.batch * tiles;
-
-    let mut u = uninit_output(g.cout * POSITIONS * g.cin);
-    u.par_chunks_mut(POSITIONS * g.cin)
-        .enumerate()
-        .for_each(|(co, u)| {
-            for ci in 0..g.cin {
-                let filter = winograd_filter(&weight[(co * g.cin + ci) * 9..][..9]);
-                for (xi, value) in filter.into_iter().enumerate() {
-                    u[xi * g.cin + ci].write(value);
-                }
-            }
-        });
-    // SAFETY: each output channel's filters filled its row for every input channel.
-    let u = unsafe { written(u) };
-
-    let mut v = uninit_output(g.cin * POSITIONS * all_tiles);
-    v.par_chunks_mut(POSITIONS * all_tiles)
-        .enumerate()
-        .for_each(|(ci, v)| winograd_input_channel(g, x, ci, tiles_w, tiles, v));
-    // SAFETY: each input channel wrote every tile of every image at every position.
-    let v = unsafe { written(v) };
-
-    let mut m = uninit_output(g.cout * POSITIONS * all_tiles);
-    let threads = Parallelism::Rayon(rayon::current_num_threads());
-    for xi in 0..POSITIONS {
-        let lhs = MatRef {
-            data: &u[xi * g.cin..],
-            row_stride: (POSITIONS * g.cin) as isize,
-            col_stride: 1,
-        };
-        let rhs = MatRef {
-            data: &v[xi * all_tiles..],
-            row_stride: (POSITIONS * all_tiles) as isize,
-            col_stride: 1,
-        };
-        let out = &mut m[xi * all_tiles..];
-        let dims = (g.cout, all_tiles, g.cin);
-        matmul_uninit(out, POSITIONS * all_tiles, lhs, rhs, dims, threads);
-    }
-    // SAFETY: the products wrote every position of every output channel.
-    let m = unsafe { written(m) };
-
-    let mut y = uninit_output(g.batch * g.cout * g.out_plane());
-    y.par_chunks_mut(g.out_plane())
-        .enumerate()
-        .for_each(|(plane, y)| {
-            let (n, co) = (plane / g.cout, plane % g.cout);
-            let m = &m[co * POSITIONS * all_tiles..][..POSITIONS * all_tiles];
-            let b = bias.map_or(0.0, |b| b[co]);
-            for t in 0..tiles {
-                let column = n * tiles + t;
-                let tile: [f32; POSITIONS] = std::array::from_fn(|xi| m[xi * all_tiles + column]);
-                let out = winograd_output_tile(&tile);
-                let (oy, ox) = (t / tiles_w * TILE, t % tiles_w * TILE);
-                for r in 0..TILE.min(g.oh - oy) {
-                    let cols = TILE.min(g.ow - ox);
-                    let dst = &mut y[(oy + r) * g.ow + ox..][..cols];
-                    for (d, value) in dst.iter_mut().zip(&out[r * TILE..]) {
-                        d.write(value + b);
-                    }
-                }
-            }
-            if let Some(activation) = activation {
-                // SAFETY: the tiles covered the whole plane.
-                activation(unsafe { y.assume_init_mut() });
-            }
-        });
-    // SAFETY: every plane was written above.
-    unsafe { written(y) }
-}
-
-/// Transformed tiles of input channel `ci`, all images: `v` is `[36][images * tiles]`.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn winograd_input_channel(
-    g: &ConvGeometry,
-    x: &[f32],
-    ci: usize,
-    tiles_w: usize,
-    tiles: usize,
-    v: &mut [MaybeUninit<f32>],
-) {
-    let all_tiles = v.len() / POSITIONS;
-    for n in 0..g.batch {
-        let plane = &x[(n * g.cin + ci) * g.in_plane()..][..g.in_plane()];
-        for t in 0..tiles {
-            let (oy, ox) = (t / tiles_w * TILE, t % tiles_w * TILE);
-            let mut d = [0f32; POSITIONS];
-            for r in 0..SIDE {
-                let Some(iy) = (oy + r).checked_sub(g.pad_top).filter(|&iy| iy < g.h) else {
-                    continue;
-                };
-                for c in 0..SIDE {
-                    if let Some(ix) = (ox + c).checked_sub(g.pad_left).filter(|&ix| ix < g.w) {
-                        d[r * SIDE + c] = plane[iy * g.w + ix];
-                    }
-                }
-            }
-            let column = n * tiles + t;
-            for (xi, value) in winograd_input_tile(&d).into_iter().enumerate() {
-                v[xi * all_tiles + column].write(value);
-            }
-        }
-    }
 }

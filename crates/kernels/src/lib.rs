@@ -1447,6 +1447,15 @@ mod tests {
                 1,
                 [1, 1, 1, 1],
             ),
+            // More tiles and input channels than the transforms' lanes, and a remainder.
+            (
+                "3x3 s1 Winograd, many tiles",
+                [2, 17, 19, 18],
+                6,
+                3,
+                1,
+                [1, 1, 1, 1],
+            ),
             ("7x7 s2", [1, 3, 15, 17], 4, 7, 2, [3, 3, 3, 3]),
         ];
         for case in cases {
