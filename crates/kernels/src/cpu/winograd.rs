@@ -7,9 +7,9 @@
 //! product's operands strided views: U [cout][36][cin], V [cin][36][tiles],
 //! M [cout][36][tiles].
 //!
-//! The transforms run on [`LANES`] filters, or tiles of a row, at once, one per vector
-//! lane: one tile at a time they were scalar code with 36 scattered loads or stores per
-//! tile, and took more of ResNet-18's inference than the products.
+//! The transforms run on [`LANES`] filters, or tiles, at once, one per vector lane: one
+//! tile at a time they were scalar code with 36 scattered loads or stores per tile, and
+//! took more of ResNet-18's inference than the products.
 
 use super::{ConvGeometry, MatRef, OutputActivation, matmul_uninit, uninit_output, written};
 use gemm::Parallelism;
@@ -28,7 +28,9 @@ const POSITIONS: usize = SIDE * SIDE;
 const LANES: usize = 16;
 
 /// One value of [`LANES`] filters or tiles, so that a transform written for one runs on
-/// all of them as vector instructions.
+/// all of them as vector instructions: plain loops over an array, which the callers'
+/// `multiversion` builds vectorise for each instruction set (`std::simd` is nightly-only,
+/// and no crate in the tree offers a portable f32x16 with these operators).
 #[derive(Clone, Copy)]
 struct Lanes([f32; LANES]);
 
