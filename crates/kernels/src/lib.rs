@@ -20,7 +20,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::{BoolTensorOps, ConvOptions, FloatTensorOps, ModuleOps};
+use burn::backend::ops::{ActivationOps, BoolTensorOps, ConvOptions, FloatTensorOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
     Autodiff, AutodiffBackend, Backend, Dispatch, DispatchDevice, ExtensionType, Flex,
@@ -426,6 +426,8 @@ impl Backward<Flex, 2> for Conv2dBackward {
 /// The activations a folded inference convolution can apply to its output as it writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvActivation {
+    /// `max(x, 0)`.
+    Relu,
     /// `min(max(x, 0), 6)`.
     Relu6,
     /// One of the [`Activation`]s.
@@ -436,6 +438,7 @@ impl ConvActivation {
     /// The activation over one slice, on the calling thread.
     fn chunk(self) -> fn(&mut [f32]) {
         match self {
+            ConvActivation::Relu => cpu::relu_chunk,
             ConvActivation::Relu6 => cpu::relu6_chunk,
             ConvActivation::Native(Activation::Silu) => cpu::silu_chunk,
             ConvActivation::Native(Activation::Gelu) => cpu::gelu_chunk,
@@ -446,6 +449,7 @@ impl ConvActivation {
     /// The activation as its own op (through its native kernel where there is one).
     pub fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
         match self {
+            ConvActivation::Relu => burn::tensor::activation::relu(x),
             ConvActivation::Relu6 => relu6(x),
             ConvActivation::Native(Activation::Silu) => silu(x),
             ConvActivation::Native(Activation::Gelu) => gelu(x),
@@ -988,6 +992,7 @@ impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
     ) -> FloatTensor<Self> {
         let y = Self::conv2d_native_bias(x, weight, bias, options);
         match activation {
+            ConvActivation::Relu => Self::relu(y),
             ConvActivation::Relu6 => Self::relu6_native(y),
             ConvActivation::Native(op) => Self::activation_native(y, op),
         }
@@ -1366,9 +1371,10 @@ mod tests {
         );
         let activations = [
             (
-                ConvActivation::Relu6,
-                burn::tensor::activation::relu6 as fn(_) -> _,
+                ConvActivation::Relu,
+                burn::tensor::activation::relu as fn(_) -> _,
             ),
+            (ConvActivation::Relu6, burn::tensor::activation::relu6),
             (
                 ConvActivation::Native(Activation::Silu),
                 burn::tensor::activation::silu,
@@ -1739,6 +1745,29 @@ mod tests {
         check_elementwise("silu", silu, burn::tensor::activation::silu);
     }
 
+    /// SiLU runs in blocks of sixteen with the tail padded: a value's result is the same
+    /// bit for bit wherever a slice is cut (threads cut tensors differently), forward and
+    /// backward.
+    #[test]
+    fn silu_does_not_depend_on_where_a_slice_is_cut() {
+        let x: Vec<f32> = (0..101).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
+        let grad: Vec<f32> = (0..101).map(|i| (i as f32 * 0.11).cos()).collect();
+        let cuts = [0, 7, 40, 101];
+        let (mut whole, mut pieces) = (x.clone(), x.clone());
+        cpu::silu_chunk(&mut whole);
+        for cut in cuts.windows(2) {
+            cpu::silu_chunk(&mut pieces[cut[0]..cut[1]]);
+        }
+        assert_eq!(whole, pieces);
+        let (mut whole, mut pieces) = (grad.clone(), grad.clone());
+        cpu::silu_grad_chunk(&x, &mut whole);
+        for cut in cuts.windows(2) {
+            let range = cut[0]..cut[1];
+            cpu::silu_grad_chunk(&x[range.clone()], &mut pieces[range]);
+        }
+        assert_eq!(whole, pieces);
+    }
+
     #[test]
     fn gelu_matches_the_generic_implementation() {
         check_elementwise("gelu", gelu, burn::tensor::activation::gelu);
@@ -1754,6 +1783,15 @@ mod tests {
         let grads = hardswish(x.clone()).sum().backward();
         let dx: Vec<f32> = x.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
         assert_eq!(dx, [0.0, -0.5, 0.5, 1.5, 1.0]);
+    }
+
+    /// The ReLU a convolution applies as it writes its output: PyTorch's, NaN included.
+    #[test]
+    fn fused_relu_keeps_nan_as_pytorch() {
+        let mut x = [f32::NAN, -2.5, -0.0, 0.0, 3.25];
+        cpu::relu_chunk(&mut x);
+        assert!(x[0].is_nan());
+        assert_eq!(x[1..], [0.0, 0.0, 0.0, 3.25]);
     }
 
     #[test]

@@ -78,6 +78,7 @@ impl Layer {
     fn conv_activation(&self) -> Option<kernels::ConvActivation> {
         use kernels::{Activation, ConvActivation};
         Some(match self {
+            Layer::ReLU(_) => ConvActivation::Relu,
             Layer::ReLU6(_) => ConvActivation::Relu6,
             Layer::SiLU(_) => ConvActivation::Native(Activation::Silu),
             Layer::Hardswish(_) => ConvActivation::Native(Activation::Hardswish),

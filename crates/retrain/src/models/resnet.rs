@@ -9,7 +9,7 @@ use burn::nn::pool::MaxPool2dConfig;
 use burn::nn::{Linear, PaddingConfig2d};
 
 use super::batch_norm::BatchNorm;
-use crate::kernels::conv2d;
+use crate::kernels::{ConvActivation, conv2d, conv2d_activation};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
@@ -246,6 +246,16 @@ fn downsample(cin: usize, cout: usize, stride: usize, device: &Device) -> Option
     })
 }
 
+/// `relu(bn(conv(x)))`: one native op once `bn` is folded into `conv` (at inference), so
+/// that the ReLU goes over each output block while it is in cache.
+fn conv_bn_relu(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    if bn.folded {
+        conv2d_activation(conv, x, ConvActivation::Relu)
+    } else {
+        relu(bn.forward(conv2d(conv, x)))
+    }
+}
+
 fn shortcut(downsample: &Option<Vec<Layer>>, x: Tensor<4>) -> Tensor<4> {
     match downsample {
         Some(layers) => sequential(layers, x),
@@ -301,7 +311,7 @@ impl BasicBlock {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = shortcut(&self.downsample, x.clone());
-        let y = relu(self.bn1.forward(conv2d(&self.conv1, x)));
+        let y = conv_bn_relu(&self.conv1, &self.bn1, x);
         let y = self.bn2.forward(conv2d(&self.conv2, y));
         relu(y + identity)
     }
@@ -349,8 +359,8 @@ impl Bottleneck {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = shortcut(&self.downsample, x.clone());
-        let y = relu(self.bn1.forward(conv2d(&self.conv1, x)));
-        let y = relu(self.bn2.forward(conv2d(&self.conv2, y)));
+        let y = conv_bn_relu(&self.conv1, &self.bn1, x);
+        let y = conv_bn_relu(&self.conv2, &self.bn2, y);
         let y = self.bn3.forward(conv2d(&self.conv3, y));
         relu(y + identity)
     }
@@ -615,7 +625,7 @@ impl Family for ResNet {
     fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
         let x = self
             .maxpool
-            .forward(relu(self.bn1.forward(conv2d(&self.conv1, x))));
+            .forward(conv_bn_relu(&self.conv1, &self.bn1, x));
         self.stages()
             .into_iter()
             .flatten()
