@@ -18,6 +18,8 @@ use multiversion::target::{Target, selected_target};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+#[cfg(target_arch = "x86_64")]
+mod pointwise;
 mod winograd;
 
 /// An elementwise function a forward convolution applies to each output plane (or image)
@@ -444,7 +446,21 @@ fn depthwise_rows<const R: usize>(
         }
         let n = LANES.min(g.ow - start);
         for (r, a) in acc.iter().enumerate() {
-            out[r * g.ow + start..][..n].write_copy_of_slice(&a[..n]);
+            store_block::<LANES>(&mut out[r * g.ow + start..], &a[..n]);
+        }
+    }
+}
+
+/// Writes up to `N` accumulated values. A whole block is a copy of constant length,
+/// which compiles to vector stores; a copy of variable length called `memmove`, which
+/// took 4% of MobileNetV2's inference.
+#[inline(always)]
+fn store_block<const N: usize>(out: &mut [MaybeUninit<f32>], values: &[f32]) {
+    if let (Some(out), Ok(values)) = (out.first_chunk_mut::<N>(), <&[f32; N]>::try_from(values)) {
+        out.write_copy_of_slice(values);
+    } else {
+        for (o, &v) in out.iter_mut().zip(values) {
+            o.write(v);
         }
     }
 }
@@ -885,6 +901,10 @@ pub fn dense_forward(
     if g.is_winograd() {
         return winograd::forward(g, x, weight, bias, activation);
     }
+    #[cfg(target_arch = "x86_64")]
+    if pointwise::covers(g) {
+        return pointwise::forward(g, x, weight, bias, activation);
+    }
     let (k, p) = (g.group_patch_len(), g.out_plane());
     let cout = g.cout_per_group();
     let threads = rayon::current_num_threads();
@@ -1037,14 +1057,37 @@ pub fn relu6_in_place(x: &mut [f32]) {
 }
 
 /// `max(x, 0)` on one thread, NaN kept (as PyTorch's).
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
 pub fn relu_chunk(x: &mut [f32]) {
-    // A select, not `f32::max`, which would turn NaN into 0.
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX.
+        return unsafe { relu_avx(x) };
+    }
+    // Not `f32::max`, which would turn NaN into 0.
     x.iter_mut()
+        .for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
+}
+
+/// [`relu_chunk`] with AVX's `max(0, x)`, which returns `x` when it is NaN. Intrinsics: the
+/// compiler turned the select above into a store of zero only where `x < 0`, a masked
+/// store (`vmaskmovps`) that AMD cores run microcoded; ReLU took 8% of MobileNetV3's
+/// inference there.
+///
+/// # Safety
+/// The CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn relu_avx(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (blocks, rest) = x.as_chunks_mut::<8>();
+    for block in blocks {
+        // SAFETY: a block is 8 floats.
+        unsafe {
+            let v = _mm256_loadu_ps(block.as_ptr());
+            _mm256_storeu_ps(block.as_mut_ptr(), _mm256_max_ps(_mm256_setzero_ps(), v));
+        }
+    }
+    rest.iter_mut()
         .for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
 }
 
@@ -1066,14 +1109,42 @@ pub fn relu6_backward_in_place(output: &[f32], grad: &mut [f32]) {
         .for_each(|(d, y)| relu6_mask(y, d));
 }
 
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
 fn relu6_mask(output: &[f32], grad: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX.
+        return unsafe { relu6_mask_avx(output, grad) };
+    }
     for (d, &y) in grad.iter_mut().zip(output) {
-        // A select, not a branch, so it vectorises.
+        *d = if y > 0.0 && y < 6.0 { *d } else { 0.0 };
+    }
+}
+
+/// [`relu6_mask`] as a bitwise and with the comparisons' mask, for the reason of
+/// [`relu_avx`].
+///
+/// # Safety
+/// The CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn relu6_mask_avx(output: &[f32], grad: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let output = &output[..grad.len()];
+    let (blocks, rest) = grad.as_chunks_mut::<8>();
+    let (outputs, output_rest) = output.as_chunks::<8>();
+    for (d, y) in blocks.iter_mut().zip(outputs) {
+        // SAFETY: blocks are 8 floats.
+        unsafe {
+            let y = _mm256_loadu_ps(y.as_ptr());
+            let inside = _mm256_and_ps(
+                _mm256_cmp_ps::<_CMP_GT_OQ>(y, _mm256_setzero_ps()),
+                _mm256_cmp_ps::<_CMP_LT_OQ>(y, _mm256_set1_ps(6.0)),
+            );
+            let kept = _mm256_and_ps(_mm256_loadu_ps(d.as_ptr()), inside);
+            _mm256_storeu_ps(d.as_mut_ptr(), kept);
+        }
+    }
+    for (d, &y) in rest.iter_mut().zip(output_rest) {
         *d = if y > 0.0 && y < 6.0 { *d } else { 0.0 };
     }
 }

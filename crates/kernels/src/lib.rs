@@ -1424,7 +1424,25 @@ mod tests {
     #[test]
     fn dense_kernels_match_generic() {
         let cases = [
-            ("1x1 s1 pointwise", [3, 6, 5, 7], 10, 1, 1, [0, 0, 0, 0]),
+            (
+                "1x1 s1 pointwise, small planes",
+                [3, 6, 5, 7],
+                10,
+                1,
+                1,
+                [0, 0, 0, 0],
+            ),
+            // Planes the direct kernel takes: whole tiles, a partial one, a padded strip.
+            ("1x1 s1 pointwise", [2, 7, 12, 13], 13, 1, 1, [0, 0, 0, 0]),
+            // One image (its channels split over threads) in two blocks of columns.
+            (
+                "1x1 s1 pointwise, wide",
+                [1, 300, 12, 13],
+                7,
+                1,
+                1,
+                [0, 0, 0, 0],
+            ),
             ("1x1 s2 downsample", [2, 6, 9, 7], 4, 1, 2, [0, 0, 0, 0]),
             ("3x3 s2 stem", [2, 3, 13, 11], 8, 3, 2, [1, 1, 1, 1]),
             ("3x3 s2 SAME stem", [2, 3, 12, 10], 5, 3, 2, [0, 1, 0, 1]),
@@ -1834,7 +1852,9 @@ mod tests {
                 v.iter().map(|x| x.to_bits()).collect()
             };
             let mut out = Vec::new();
-            // im2col (3x3 stride 2), pointwise, Winograd, depthwise and grouped, batch 9.
+            // im2col (3x3 stride 2), pointwise, Winograd, depthwise and grouped, batch 9
+            // on planes large enough for the direct pointwise kernel, and batch 2 (fewer
+            // images than some of the thread counts).
             let convs = [
                 (6, 3, 2, 1),
                 (6, 1, 1, 1),
@@ -1842,8 +1862,9 @@ mod tests {
                 (5, 3, 1, 5),
                 (10, 3, 1, 5),
             ];
-            for (cout, kernel, stride, groups) in convs {
-                let x = values([9, 5, 11, 10], 0.1);
+            let batches = convs.iter().map(|&c| (9, c)).chain([(2, (6, 1, 1, 1))]);
+            for (batch, (cout, kernel, stride, groups)) in batches {
+                let x = values([batch, 5, 12, 11], 0.1);
                 let w = values([cout, 5 / groups, kernel, kernel], 0.7);
                 let pad = kernel / 2;
                 let options = ConvOptions::new([stride; 2], [pad; 2], [1, 1], groups);

@@ -1,0 +1,278 @@
+//! Pointwise (1x1, stride 1) convolutions as a direct register-blocked kernel, on x86 CPUs
+//! with AVX2 and FMA but not AVX-512 (where gemm's 512-bit kernels keep the job until a
+//! 512-bit tile here is written and measured against them).
+//!
+//! Per image a pointwise convolution is `Y [cout, P] = W [cout, cin] X [cin, P]`. A tile
+//! of [`ROWS`] output channels by [`COLS`] pixels is summed in registers: the bias first,
+//! then the products in input-channel order, so the bits do not depend on how the work is
+//! split over threads or blocks. The weights are packed once per convolution (gemm packs
+//! them for every product), the input once per block of columns, and the activation is
+//! applied to each tile before it is stored (gemm left the bias and activation to passes
+//! of their own). These convolutions carry most of the FLOPs of MobileNet, EfficientNet
+//! and the ResNet bottlenecks.
+
+use super::{ConvGeometry, OutputActivation, store_block, uninit_output, written};
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+/// Output channels per tile: with [`COLS`], twelve 256-bit accumulators, two registers
+/// for a row of the input and one broadcast weight, inside AVX2's sixteen.
+const ROWS: usize = 6;
+/// Pixels per tile: two 256-bit registers.
+const COLS: usize = 16;
+
+/// Floats of the input one block of columns packs (all `cin` rows of it): 128 KiB, inside
+/// every core's L2, so that every tile reads its strips from there.
+const BLOCK_FLOATS: usize = 32 * 1024;
+
+/// The smallest plane worth the kernel: a plane's last tile is padded to [`COLS`] pixels,
+/// which on the 7x7 planes of the last stages is a quarter of the work and on the 1x1
+/// ones of squeeze-and-excitation fifteen sixteenths (MobileNetV3 ran 7% slower). From
+/// 128 pixels the padding is at most an eighth; smaller planes go to gemm.
+const MIN_PLANE: usize = 8 * COLS;
+
+/// Whether [`forward`] takes this convolution: one group, 1x1, stride 1, no padding,
+/// planes of at least [`MIN_PLANE`] pixels, on a CPU it is chosen for.
+pub fn covers(g: &ConvGeometry) -> bool {
+    g.groups == 1
+        && g.is_pointwise()
+        && g.in_plane() >= MIN_PLANE
+        && runs_here()
+        && !is_x86_feature_detected!("avx512f")
+}
+
+/// Whether this CPU can run the kernel at all.
+fn runs_here() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// `activation(W x + bias)` for every image of `x`, NCHW. Images are split over threads;
+/// when there are fewer images than threads, each image's output channels are too.
+pub fn forward(
+    g: &ConvGeometry,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    activation: OutputActivation,
+) -> Vec<f32> {
+    assert!(g.groups == 1 && g.is_pointwise() && runs_here());
+    let (cin, cout, p) = (g.cin, g.cout, g.in_plane());
+    let tiles = pack(weight, bias, cout, cin);
+    let threads = rayon::current_num_threads();
+    let tiles_per_task = if g.batch < threads {
+        tiles.len().div_ceil(threads.div_ceil(g.batch.max(1)))
+    } else {
+        tiles.len()
+    }
+    .max(1);
+    let block = (BLOCK_FLOATS / cin).next_multiple_of(COLS).max(COLS);
+    let mut y = uninit_output(g.batch * cout * p);
+    y.par_chunks_mut(cout * p)
+        .zip(x.par_chunks(cin * p))
+        .for_each(|(y, x)| {
+            y.par_chunks_mut(tiles_per_task * ROWS * p)
+                .zip(tiles.par_chunks(tiles_per_task))
+                .for_each_init(Vec::new, |strips, (y, tiles)| {
+                    for start in (0..p).step_by(block) {
+                        let columns = start..(start + block).min(p);
+                        pack_strips(x, p, columns.clone(), strips);
+                        tile_rows(tiles, strips, p, columns, activation, y);
+                    }
+                });
+        });
+    // SAFETY: every column of every output channel of every image was written above.
+    unsafe { written(y) }
+}
+
+/// [`ROWS`] output channels' weights, `[cin][ROWS]` so that each input channel's are
+/// adjacent, and their biases; channels past `cout` have zeros and are never stored.
+struct Tile {
+    weights: Vec<f32>,
+    bias: [f32; ROWS],
+    rows: usize,
+}
+
+fn pack(weight: &[f32], bias: Option<&[f32]>, cout: usize, cin: usize) -> Vec<Tile> {
+    (0..cout.div_ceil(ROWS))
+        .map(|t| {
+            let rows = ROWS.min(cout - t * ROWS);
+            let mut weights = vec![0f32; cin * ROWS];
+            let mut tile_bias = [0f32; ROWS];
+            for r in 0..rows {
+                let co = t * ROWS + r;
+                for (ci, w) in weight[co * cin..][..cin].iter().enumerate() {
+                    weights[ci * ROWS + r] = *w;
+                }
+                tile_bias[r] = bias.map_or(0.0, |b| b[co]);
+            }
+            Tile {
+                weights,
+                bias: tile_bias,
+                rows,
+            }
+        })
+        .collect()
+}
+
+/// `columns` of the image `x` (`p` pixels per input channel) as strips of [`COLS`]
+/// pixels by all input channels, the last one zero-padded. Read in place, each step of a
+/// tile's sums loaded a new cache line from another input row, more rows than the
+/// prefetchers follow, and the kernel waited on memory.
+fn pack_strips(x: &[f32], p: usize, columns: std::ops::Range<usize>, strips: &mut Vec<f32>) {
+    let strip_len = x.len() / p * COLS;
+    strips.clear();
+    strips.resize(columns.len().div_ceil(COLS) * strip_len, 0.0);
+    for (ci, x) in x.chunks_exact(p).enumerate() {
+        // Whole strips as arrays: a copy of constant length is two vector moves, one of
+        // variable length a call to `memmove`.
+        let (whole, rest) = x[columns.clone()].as_chunks::<COLS>();
+        let mut to = strips[ci * COLS..].chunks_mut(strip_len);
+        for (x, to) in whole.iter().zip(&mut to) {
+            *to.first_chunk_mut::<COLS>().expect("a strip") = *x;
+        }
+        if let Some(to) = to.next().filter(|_| !rest.is_empty()) {
+            to[..rest.len()].copy_from_slice(rest);
+        }
+    }
+}
+
+/// `columns` of the output rows of `tiles` from their [`pack_strips`], with the
+/// activation; `y` holds those rows, `p` floats each.
+fn tile_rows(
+    tiles: &[Tile],
+    strips: &[f32],
+    p: usize,
+    columns: std::ops::Range<usize>,
+    activation: OutputActivation,
+    y: &mut [MaybeUninit<f32>],
+) {
+    let strip_len = strips.len() / columns.len().div_ceil(COLS);
+    for (tile, y) in tiles.iter().zip(y.chunks_mut(ROWS * p)) {
+        assert_eq!(tile.weights.len() / ROWS * COLS, strip_len);
+        for (strip, c) in strips
+            .chunks_exact(strip_len)
+            .zip(columns.clone().step_by(COLS))
+        {
+            // SAFETY: `runs_here`, asserted by `forward`; the strip holds the tile's rows.
+            let mut acc = unsafe { tile_sums(tile, strip.as_ptr()) };
+            if let Some(activation) = activation {
+                activation(acc.as_flattened_mut());
+            }
+            for (r, a) in acc.iter().enumerate().take(tile.rows) {
+                let n = COLS.min(columns.end - c);
+                store_block::<COLS>(&mut y[r * p + c..][..n], &a[..n]);
+            }
+        }
+    }
+}
+
+/// The tile's sums over one strip, in AVX2 registers. Intrinsics: the compiler turned
+/// plain loops over arrays, inlined into a caller, into scalar code that kept the sums in
+/// memory (8x slower).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `strip` is valid for the tile's `cin` rows of `COLS` floats.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_sums(tile: &Tile, strip: *const f32) -> [[f32; COLS]; ROWS] {
+    const HALF: usize = COLS / 2;
+    let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+    for (a, &b) in acc.iter_mut().zip(&tile.bias) {
+        *a = [_mm256_set1_ps(b); 2];
+    }
+    for (ci, w) in tile.weights.chunks_exact(ROWS).enumerate() {
+        // SAFETY: the caller vouches for row `ci`'s COLS floats.
+        let (x0, x1) = unsafe {
+            let row = strip.add(ci * COLS);
+            (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(HALF)))
+        };
+        for (a, w) in acc.iter_mut().zip(w) {
+            let w = _mm256_broadcast_ss(w);
+            a[0] = _mm256_fmadd_ps(w, x0, a[0]);
+            a[1] = _mm256_fmadd_ps(w, x1, a[1]);
+        }
+    }
+    let mut out = [[0f32; COLS]; ROWS];
+    for (o, a) in out.iter_mut().zip(acc) {
+        // SAFETY: each row of `out` holds COLS floats.
+        unsafe {
+            _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(HALF), a[1]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::ops::ConvOptions;
+
+    fn values(n: usize, phase: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37 + phase).sin()).collect()
+    }
+
+    /// A pointwise geometry over `[batch, cin, h, w]` with `cout` outputs.
+    fn geometry(x: [usize; 4], cout: usize) -> ConvGeometry {
+        let options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+        ConvGeometry::new(x, [cout, x[1], 1, 1], &options).expect("a pointwise geometry")
+    }
+
+    /// Against the sums in f64, on every CPU the kernel runs on (whether or not `covers`
+    /// chooses it there): partial tiles, padded strips, several blocks, one image.
+    #[test]
+    fn forward_matches_the_sums() {
+        assert!(runs_here(), "the test machines have AVX2 and FMA");
+        for (x_shape, cout) in [
+            ([2, 7, 12, 13], 13),
+            ([1, 300, 12, 13], 7),
+            ([3, 5, 16, 8], 6),
+        ] {
+            let g = geometry(x_shape, cout);
+            let (cin, p) = (g.cin, g.in_plane());
+            let x = values(g.batch * cin * p, 0.1);
+            let w = values(cout * cin, 0.7);
+            let bias = values(cout, 0.3);
+            let relu: fn(&mut [f32]) = super::super::relu_chunk;
+            let y = forward(&g, &x, &w, Some(&bias), Some(relu));
+            for (at, &got) in y.iter().enumerate() {
+                let (n, co, px) = (at / (cout * p), at / p % cout, at % p);
+                let sum = (0..cin).fold(bias[co] as f64, |s, ci| {
+                    s + w[co * cin + ci] as f64 * x[(n * cin + ci) * p + px] as f64
+                });
+                let want = sum.max(0.0);
+                assert!(
+                    (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{x_shape:?}: image {n}, channel {co}, pixel {px}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// The same bits on one thread and on several, with fewer images than threads (each
+    /// image's channels split) and more.
+    #[test]
+    fn bits_do_not_depend_on_the_thread_count() {
+        assert!(runs_here(), "the test machines have AVX2 and FMA");
+        for batch in [1, 5] {
+            let g = geometry([batch, 9, 14, 11], 20);
+            let x = values(batch * 9 * g.in_plane(), 0.2);
+            let w = values(20 * 9, 0.5);
+            let run = |threads| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("a pool");
+                let y = pool.install(|| forward(&g, &x, &w, None, None));
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let one = run(1);
+            for threads in [2, 3, 7] {
+                assert!(
+                    run(threads) == one,
+                    "batch {batch}: {threads} threads differ from 1"
+                );
+            }
+        }
+    }
+}
