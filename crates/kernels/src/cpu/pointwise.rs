@@ -15,6 +15,7 @@ use super::{ConvGeometry, OutputActivation, store_block, uninit_output, written}
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
 /// Output channels per tile: with [`COLS`], twelve 256-bit accumulators, two registers
 /// for a row of the input and one broadcast weight, inside AVX2's sixteen.
@@ -26,18 +27,18 @@ const COLS: usize = 16;
 /// every core's L2, so that every tile reads its strips from there.
 const BLOCK_FLOATS: usize = 32 * 1024;
 
-/// The smallest plane worth the kernel: a plane's last tile is padded to [`COLS`] pixels,
-/// which on the 7x7 planes of the last stages is a quarter of the work and on the 1x1
-/// ones of squeeze-and-excitation fifteen sixteenths (MobileNetV3 ran 7% slower). From
-/// 128 pixels the padding is at most an eighth; smaller planes go to gemm.
-const MIN_PLANE: usize = 8 * COLS;
+/// The fewest columns (pixels of all images) worth the kernel: the last tile is padded to
+/// [`COLS`] columns, which on one image's 1x1 squeeze-and-excitation input is fifteen
+/// sixteenths of the work. From 128 columns the padding is at most an eighth; fewer go
+/// to gemm.
+const MIN_COLUMNS: usize = 8 * COLS;
 
 /// Whether [`forward`] takes this convolution: one group, 1x1, stride 1, no padding,
-/// planes of at least [`MIN_PLANE`] pixels, on a CPU it is chosen for.
+/// at least [`MIN_COLUMNS`] columns, on a CPU it is chosen for.
 pub fn covers(g: &ConvGeometry) -> bool {
     g.groups == 1
         && g.is_pointwise()
-        && g.in_plane() >= MIN_PLANE
+        && g.batch * g.in_plane() >= MIN_COLUMNS
         && runs_here()
         && !is_x86_feature_detected!("avx512f")
 }
@@ -47,8 +48,9 @@ fn runs_here() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
-/// `activation(W x + bias)` for every image of `x`, NCHW. Images are split over threads;
-/// when there are fewer images than threads, each image's output channels are too.
+/// `activation(W x + bias)` for every image of `x`, NCHW. The columns of all images are
+/// one sequence, cut into blocks that threads take in turn: the small planes of the last
+/// stages (7x7, or the 1x1 of squeeze-and-excitation) make whole tiles across images.
 pub fn forward(
     g: &ConvGeometry,
     x: &[f32],
@@ -59,30 +61,71 @@ pub fn forward(
     assert!(g.groups == 1 && g.is_pointwise() && runs_here());
     let (cin, cout, p) = (g.cin, g.cout, g.in_plane());
     let tiles = pack(weight, bias, cout, cin);
-    let threads = rayon::current_num_threads();
-    let tiles_per_task = if g.batch < threads {
-        tiles.len().div_ceil(threads.div_ceil(g.batch.max(1)))
-    } else {
-        tiles.len()
-    }
-    .max(1);
-    let block = (BLOCK_FLOATS / cin).next_multiple_of(COLS).max(COLS);
+    let columns = g.batch * p;
+    // Blocks that fit the budget, and at least four per thread so that none waits long.
+    let per_thread = columns.div_ceil(4 * rayon::current_num_threads());
+    let block = (BLOCK_FLOATS / cin)
+        .min(per_thread)
+        .next_multiple_of(COLS)
+        .max(COLS);
     let mut y = uninit_output(g.batch * cout * p);
-    y.par_chunks_mut(cout * p)
-        .zip(x.par_chunks(cin * p))
-        .for_each(|(y, x)| {
-            y.par_chunks_mut(tiles_per_task * ROWS * p)
-                .zip(tiles.par_chunks(tiles_per_task))
-                .for_each_init(Vec::new, |strips, (y, tiles)| {
-                    for start in (0..p).step_by(block) {
-                        let columns = start..(start + block).min(p);
-                        pack_strips(x, p, columns.clone(), strips);
-                        tile_rows(tiles, strips, p, columns, activation, y);
-                    }
-                });
+    let out = SharedOutput(y.as_mut_ptr(), y.len());
+    let layout = Layout { cin, cout, p };
+    (0..columns.div_ceil(block))
+        .into_par_iter()
+        .for_each_init(Vec::new, |strips, b| {
+            let columns = b * block..((b + 1) * block).min(columns);
+            pack_strips(&layout, x, columns.clone(), strips);
+            tile_rows(&layout, &tiles, strips, columns, activation, &out);
         });
-    // SAFETY: every column of every output channel of every image was written above.
+    // SAFETY: the blocks cover every column of every image, and `tile_rows` writes every
+    // output channel of its columns.
     unsafe { written(y) }
+}
+
+/// Channels and plane size: where column `j` of the batch (image `j / p`, pixel `j % p`)
+/// lies in the input and output.
+struct Layout {
+    cin: usize,
+    cout: usize,
+    p: usize,
+}
+
+impl Layout {
+    /// The runs of `columns` that lie in one image each: (image, first pixel, offset of
+    /// the run in `columns`, length).
+    fn runs(&self, columns: Range<usize>) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+        let (p, start) = (self.p, columns.start);
+        let mut j = start;
+        std::iter::from_fn(move || {
+            (j < columns.end).then(|| {
+                let (image, pixel) = (j / p, j % p);
+                let len = (p - pixel).min(columns.end - j);
+                let run = (image, pixel, j - start, len);
+                j += len;
+                run
+            })
+        })
+    }
+}
+
+/// The output buffer, shared by the threads: each writes the columns of its own blocks.
+struct SharedOutput(*mut MaybeUninit<f32>, usize);
+
+// SAFETY: the threads write disjoint columns (see `run`).
+unsafe impl Sync for SharedOutput {}
+
+impl SharedOutput {
+    /// `len` floats from `at`.
+    ///
+    /// # Safety
+    /// No other thread touches them while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn run(&self, at: usize, len: usize) -> &mut [MaybeUninit<f32>] {
+        assert!(at + len <= self.1);
+        // SAFETY: inside the buffer (the assert), and the caller vouches for exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
+    }
 }
 
 /// [`ROWS`] output channels' weights, `[cin][ROWS]` so that each input channel's are
@@ -90,6 +133,8 @@ pub fn forward(
 struct Tile {
     weights: Vec<f32>,
     bias: [f32; ROWS],
+    /// The first of its output channels, and how many there are.
+    first: usize,
     rows: usize,
 }
 
@@ -109,59 +154,77 @@ fn pack(weight: &[f32], bias: Option<&[f32]>, cout: usize, cin: usize) -> Vec<Ti
             Tile {
                 weights,
                 bias: tile_bias,
+                first: t * ROWS,
                 rows,
             }
         })
         .collect()
 }
 
-/// `columns` of the image `x` (`p` pixels per input channel) as strips of [`COLS`]
-/// pixels by all input channels, the last one zero-padded. Read in place, each step of a
-/// tile's sums loaded a new cache line from another input row, more rows than the
-/// prefetchers follow, and the kernel waited on memory.
-fn pack_strips(x: &[f32], p: usize, columns: std::ops::Range<usize>, strips: &mut Vec<f32>) {
-    let strip_len = x.len() / p * COLS;
-    strips.clear();
+/// `columns` of the batch as strips of [`COLS`] columns by all input channels, the last
+/// one zero-padded. Read in place, each step of a tile's sums loaded a new cache line from
+/// another input row, more rows than the prefetchers follow, and the kernel waited on
+/// memory.
+fn pack_strips(layout: &Layout, x: &[f32], columns: Range<usize>, strips: &mut Vec<f32>) {
+    let (cin, p) = (layout.cin, layout.p);
+    let strip_len = cin * COLS;
+    // Every lane is written below but the last strip's padding, zeroed here: zeroing all
+    // of it first cost 1.4% of MobileNetV2's inference in `memset`.
     strips.resize(columns.len().div_ceil(COLS) * strip_len, 0.0);
-    for (ci, x) in x.chunks_exact(p).enumerate() {
-        // Whole strips as arrays: a copy of constant length is two vector moves, one of
-        // variable length a call to `memmove`.
-        let (whole, rest) = x[columns.clone()].as_chunks::<COLS>();
-        let mut to = strips[ci * COLS..].chunks_mut(strip_len);
-        for (x, to) in whole.iter().zip(&mut to) {
-            *to.first_chunk_mut::<COLS>().expect("a strip") = *x;
+    if let Some(last) = strips.rchunks_exact_mut(strip_len).next() {
+        let used = (columns.len() - 1) % COLS + 1;
+        for row in last.chunks_exact_mut(COLS) {
+            row[used..].fill(0.0);
         }
-        if let Some(to) = to.next().filter(|_| !rest.is_empty()) {
-            to[..rest.len()].copy_from_slice(rest);
+    }
+    for (image, pixel, offset, len) in layout.runs(columns) {
+        for ci in 0..cin {
+            let mut src = &x[(image * cin + ci) * p + pixel..][..len];
+            let mut o = offset;
+            while !src.is_empty() {
+                let (strip, lane) = (o / COLS, o % COLS);
+                let n = (COLS - lane).min(src.len());
+                let to = &mut strips[strip * strip_len + ci * COLS + lane..][..n];
+                // A whole strip as an array: a copy of constant length is two vector
+                // moves, one of variable length a call to `memmove`.
+                match <&[f32; COLS]>::try_from(&src[..n]) {
+                    Ok(whole) => *to.first_chunk_mut::<COLS>().expect("a strip") = *whole,
+                    Err(_) => to.copy_from_slice(&src[..n]),
+                }
+                (src, o) = (&src[n..], o + n);
+            }
         }
     }
 }
 
-/// `columns` of the output rows of `tiles` from their [`pack_strips`], with the
-/// activation; `y` holds those rows, `p` floats each.
+/// `columns` of every output channel from their [`pack_strips`], with the activation.
 fn tile_rows(
+    layout: &Layout,
     tiles: &[Tile],
     strips: &[f32],
-    p: usize,
-    columns: std::ops::Range<usize>,
+    columns: Range<usize>,
     activation: OutputActivation,
-    y: &mut [MaybeUninit<f32>],
+    out: &SharedOutput,
 ) {
-    let strip_len = strips.len() / columns.len().div_ceil(COLS);
-    for (tile, y) in tiles.iter().zip(y.chunks_mut(ROWS * p)) {
+    let strip_len = layout.cin * COLS;
+    for tile in tiles {
         assert_eq!(tile.weights.len() / ROWS * COLS, strip_len);
-        for (strip, c) in strips
-            .chunks_exact(strip_len)
-            .zip(columns.clone().step_by(COLS))
-        {
+        for (s, strip) in strips.chunks_exact(strip_len).enumerate() {
             // SAFETY: `runs_here`, asserted by `forward`; the strip holds the tile's rows.
             let mut acc = unsafe { tile_sums(tile, strip.as_ptr()) };
             if let Some(activation) = activation {
                 activation(acc.as_flattened_mut());
             }
-            for (r, a) in acc.iter().enumerate().take(tile.rows) {
-                let n = COLS.min(columns.end - c);
-                store_block::<COLS>(&mut y[r * p + c..][..n], &a[..n]);
+            let first = columns.start + s * COLS;
+            let strip_columns = first..(first + COLS).min(columns.end);
+            for (image, pixel, offset, len) in layout.runs(strip_columns) {
+                for (r, a) in acc.iter().enumerate().take(tile.rows) {
+                    let co = tile.first + r;
+                    let at = (image * layout.cout + co) * layout.p + pixel;
+                    // SAFETY: these columns are this block's alone.
+                    let y = unsafe { out.run(at, len) };
+                    store_block::<COLS>(y, &a[offset..offset + len]);
+                }
             }
         }
     }
@@ -218,16 +281,22 @@ mod tests {
         ConvGeometry::new(x, [cout, x[1], 1, 1], &options).expect("a pointwise geometry")
     }
 
+    /// Input shapes and output channels: partial tiles and strips, strips across images,
+    /// several blocks, one image, and the 1x1 planes of squeeze-and-excitation.
+    const CASES: [([usize; 4], usize); 5] = [
+        ([2, 7, 12, 13], 13),
+        ([1, 300, 12, 13], 7),
+        ([3, 5, 16, 8], 6),
+        ([3, 4, 7, 7], 9),
+        ([150, 24, 1, 1], 10),
+    ];
+
     /// Against the sums in f64, on every CPU the kernel runs on (whether or not `covers`
-    /// chooses it there): partial tiles, padded strips, several blocks, one image.
+    /// chooses it there).
     #[test]
     fn forward_matches_the_sums() {
         assert!(runs_here(), "the test machines have AVX2 and FMA");
-        for (x_shape, cout) in [
-            ([2, 7, 12, 13], 13),
-            ([1, 300, 12, 13], 7),
-            ([3, 5, 16, 8], 6),
-        ] {
+        for (x_shape, cout) in CASES {
             let g = geometry(x_shape, cout);
             let (cin, p) = (g.cin, g.in_plane());
             let x = values(g.batch * cin * p, 0.1);
