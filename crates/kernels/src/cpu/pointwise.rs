@@ -35,7 +35,7 @@ const MIN_COLUMNS: usize = 8 * COLS;
 
 /// Whether [`forward`] takes this convolution: one group, 1x1, stride 1, no padding,
 /// at least [`MIN_COLUMNS`] columns, on a CPU it is chosen for.
-pub fn covers(g: &ConvGeometry) -> bool {
+pub(super) fn covers(g: &ConvGeometry) -> bool {
     g.groups == 1
         && g.is_pointwise()
         && g.batch * g.in_plane() >= MIN_COLUMNS
@@ -51,7 +51,7 @@ fn runs_here() -> bool {
 /// `activation(W x + bias)` for every image of `x`, NCHW. The columns of all images are
 /// one sequence, cut into blocks that threads take in turn: the small planes of the last
 /// stages (7x7, or the 1x1 of squeeze-and-excitation) make whole tiles across images.
-pub fn forward(
+pub(super) fn forward(
     g: &ConvGeometry,
     x: &[f32],
     weight: &[f32],
