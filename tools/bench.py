@@ -1,8 +1,11 @@
 """Run retrain's and PyTorch's benchmarks alternately, one process per measurement, and
 print the BENCHMARKS.md table (ratios retrain / PyTorch; for head-only, PyTorch time /
-retrain time). Dev-only.
+retrain time). With `--baseline OLD`, a change's paired measurement instead: the two
+retrain binaries alternately, the ratio new / old. Dev-only.
 
     python tools/bench.py --threads 2 --repeats 3 > bench.md
+    python tools/bench.py --retrain /tmp/retrain-new --baseline /tmp/retrain-old --repeats 5 \
+        --steps 6 --warmup 1 --archs mobilenet_v2 --workloads inference
 """
 
 import argparse
@@ -53,9 +56,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--steps", type=int, help="timed steps per measurement (each tool's default)")
     ap.add_argument("--warmup", type=int, help="untimed steps first (each tool's default)")
+    ap.add_argument("--baseline", help="an older retrain binary: measure --retrain against it")
     a = ap.parse_args()
     timing = [arg for flag, v in (("--steps", a.steps), ("--warmup", a.warmup)) if v is not None
               for arg in (flag, str(v))]
+    if a.baseline:
+        return paired(a, timing)
     rows = []
     for arch in a.archs.split(","):
         for w in a.workloads.split(","):
@@ -77,6 +83,24 @@ def main():
     print("|---|---|---|" + "---|" * len(COLUMNS) + "---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
+
+
+def paired(a, timing):
+    """Each cell: the old and the new binary back to back, `--repeats` times; the ratio is
+    the median of the pairs' new / old (for head-only, old time / new time)."""
+    print(f"CPU: {cpu_model()}, {a.threads} threads, {a.repeats} pairs per cell\n")
+    print("| model | workload | old | new | new / old |\n|---|---|---|---|---|")
+    for arch in a.archs.split(","):
+        for w in a.workloads.split(","):
+            key = "seconds" if w == "head" else "images_per_second"
+            old, new = [], []
+            for _ in range(a.repeats):
+                for binary, results in ((a.baseline, old), (a.retrain, new)):
+                    cmd = [binary, "bench", "--arch", arch, "--workload", w, "--json", *timing]
+                    results.append(run(cmd, a.threads)[key])
+                print(f"{arch} {w}: old {old[-1]:.2f} new {new[-1]:.2f}", file=sys.stderr)
+            pairs = [o / n if w == "head" else n / o for o, n in zip(old, new)]
+            print(f"| {arch} | {w} | {med(old):.2f} | {med(new):.2f} | {med(pairs):.3f}x |")
 
 
 def row(arch, w, ours, theirs):

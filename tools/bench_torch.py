@@ -6,6 +6,7 @@ the same number: RAYON_NUM_THREADS).
     python tools/bench_torch.py --arch mobilenet_v2 --workload full --threads 2
     python tools/bench_torch.py --arch resnet18 --workload full --layout channels_last
     python tools/bench_torch.py --arch resnet18 --workload inference --engine onnxruntime
+    python tools/bench_torch.py --arch mobilenet_v2 --workload inference --engine onnxruntime --profile
     python tools/bench_torch.py --arch resnet18 --workload head --head-mode cached --layout channels_last
 
 The anchors an informed user runs: `--layout channels_last` (model and input in NHWC
@@ -19,6 +20,7 @@ import argparse
 import json
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -75,8 +77,10 @@ def timed(warmup, steps, fn):
     return out
 
 
-def onnxruntime_inference(model, x, threads, warmup, steps):
-    """Seconds per batch of ONNX Runtime's CPU execution provider on the exported model."""
+def onnxruntime_inference(model, x, threads, warmup, steps, profile=False):
+    """Seconds per batch of ONNX Runtime's CPU execution provider on the exported model.
+    With `profile`, ONNX Runtime's own profiler also runs and the time per kind of node
+    (1x1, 3x3 or depthwise convolution, other op types) goes to stderr."""
     import tempfile
 
     import onnxruntime as ort
@@ -88,9 +92,43 @@ def onnxruntime_inference(model, x, threads, warmup, steps):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if profile:
+            options.enable_profiling = True
+            options.profile_file_prefix = f"{tmp}/profile"
+            options.optimized_model_filepath = f"{tmp}/optimized.onnx"
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         feed = {"input": x.numpy()}
-        return timed(warmup, steps, lambda: session.run(None, feed))
+        t = timed(warmup, steps, lambda: session.run(None, feed))
+        if profile:
+            print_node_profile(session.end_profiling(), f"{tmp}/optimized.onnx", warmup + steps)
+        return t
+
+
+def print_node_profile(trace, optimized, runs):
+    """Milliseconds per run of each kind of node in ONNX Runtime's profile `trace`, the
+    convolutions told apart by kernel and group from the optimised model."""
+    import collections
+
+    import onnx
+    graph = onnx.load(optimized).graph
+    shapes = {i.name: list(i.dims) for i in graph.initializer}
+    kinds = {}
+    for node in graph.node:
+        kind = node.op_type
+        weight = shapes.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if weight:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            kind = "depthwise conv" if attrs.get("group", 1) > 1 else f"conv {weight[2]}x{weight[3]}"
+            if attrs.get("strides", [1, 1])[0] > 1:
+                kind += " stride 2"
+        kinds[node.name + "_kernel_time"] = kind
+    totals = collections.Counter()
+    for event in json.load(open(trace)):
+        if event.get("cat") == "Node" and event["name"] in kinds:
+            totals[kinds[event["name"]]] += event["dur"] / 1000 / runs
+    all_ms = sum(totals.values())
+    for kind, ms in totals.most_common():
+        print(f"{kind:24s} {ms:8.1f} ms/run {100 * ms / all_ms:5.1f}%", file=sys.stderr)
 
 
 def cached_head_training(model, arch, x, y, batch_size, images=512, epochs=10):
@@ -131,6 +169,8 @@ def main():
     ap.add_argument("--engine", choices=["pytorch", "onnxruntime"], default="pytorch")
     ap.add_argument("--head-mode", choices=["naive", "cached"], default="naive",
                     help="head workload: the backbone every step, or its features cached once")
+    ap.add_argument("--profile", action="store_true",
+                    help="onnxruntime inference: ONNX Runtime's time per kind of node, to stderr")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -143,7 +183,7 @@ def main():
     ips = seconds = None
     if a.workload == "inference" and a.engine == "onnxruntime":
         model.eval()
-        t = onnxruntime_inference(model, x, a.threads, a.warmup, a.steps)
+        t = onnxruntime_inference(model, x, a.threads, a.warmup, a.steps, a.profile)
         ips = a.batch_size / statistics.median(t)
     elif a.workload == "inference":
         model.eval()

@@ -1434,7 +1434,7 @@ mod tests {
             ),
             // Planes the direct kernel takes: whole tiles, a partial one, a padded strip.
             ("1x1 s1 pointwise", [2, 7, 12, 13], 13, 1, 1, [0, 0, 0, 0]),
-            // One image (its channels split over threads) in two blocks of columns.
+            // One image, in blocks of columns over the threads.
             (
                 "1x1 s1 pointwise, wide",
                 [1, 300, 12, 13],

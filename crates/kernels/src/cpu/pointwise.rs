@@ -318,8 +318,8 @@ mod tests {
         }
     }
 
-    /// The same bits on one thread and on several, with fewer images than threads (each
-    /// image's channels split) and more.
+    /// The same bits on one thread and on several (the blocks of columns are cut at other
+    /// places), with fewer images than threads and more.
     #[test]
     fn bits_do_not_depend_on_the_thread_count() {
         assert!(runs_here(), "the test machines have AVX2 and FMA");
