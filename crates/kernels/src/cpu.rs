@@ -314,7 +314,7 @@ fn pad_plane(g: &ConvGeometry, x: &[f32], padded: &mut [f32]) {
         match g.sw {
             1 => {
                 let n = g.w.min(phase - g.pad_left);
-                dst[g.pad_left..g.pad_left + n].copy_from_slice(&src[..n]);
+                copy_row(&src[..n], &mut dst[g.pad_left..g.pad_left + n]);
             }
             2 => deinterleave_row(src, g.pad_left, dst.split_at_mut(phase)),
             _ => {
@@ -327,6 +327,21 @@ fn pad_plane(g: &ConvGeometry, x: &[f32], padded: &mut [f32]) {
                 }
             }
         }
+    }
+}
+
+/// `src` into `dst`, of equal lengths, in blocks of 16 floats (vector moves): rows are 7
+/// to 112 floats, short enough that the call to `memmove` that `copy_from_slice` makes was
+/// a third of the copy's cost (4% of MobileNetV2's inference).
+#[inline(always)]
+fn copy_row(src: &[f32], dst: &mut [f32]) {
+    let (blocks, rest) = src.as_chunks::<16>();
+    let (to_blocks, to_rest) = dst.as_chunks_mut::<16>();
+    for (to, block) in to_blocks.iter_mut().zip(blocks) {
+        *to = *block;
+    }
+    for (to, &v) in to_rest.iter_mut().zip(rest) {
+        *to = v;
     }
 }
 
