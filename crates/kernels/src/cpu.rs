@@ -637,24 +637,56 @@ fn depthwise_plane_weight_grad(
     dy_rows: &[f32],
     dw: &mut [f32],
 ) {
+    let grouped = taps.len() / TAP_GROUP * TAP_GROUP;
+    let (dw_grouped, dw_rest) = dw.split_at_mut(grouped);
+    for (d, t) in dw_grouped
+        .chunks_exact_mut(TAP_GROUP)
+        .zip(taps.chunks_exact(TAP_GROUP))
+    {
+        weight_grad_taps::<TAP_GROUP>(g, t, padded, dy_rows, d);
+    }
+    for (d, t) in dw_rest
+        .chunks_exact_mut(1)
+        .zip(taps[grouped..].chunks_exact(1))
+    {
+        weight_grad_taps::<1>(g, t, padded, dy_rows, d);
+    }
+}
+
+/// Taps whose weight gradients are summed together: four independent chains of
+/// multiply-adds, each output-gradient block loaded once for all four. One tap at a time,
+/// each chain waited on its own previous sum (the late layers' planes are 7 to 14 wide:
+/// one or two blocks per row).
+const TAP_GROUP: usize = 4;
+
+/// The weight gradients of `T` taps: each the sum over the plane of the output gradient
+/// times the input under that tap, in the same order for every tap.
+#[inline(always)]
+fn weight_grad_taps<const T: usize>(
+    g: &ConvGeometry,
+    taps: &[usize],
+    padded: &[f32],
+    dy_rows: &[f32],
+    dw: &mut [f32],
+) {
     let step = g.sh * g.sw * depthwise_phase_width(g);
     let width = g.ow.next_multiple_of(LANES);
-    for (d, &tap) in dw.iter_mut().zip(taps) {
-        let mut acc = [0f32; LANES];
-        for (oy, dy) in dy_rows.chunks_exact(width).enumerate() {
-            let src = &padded[oy * step + tap..][..width];
-            for (dy, src) in dy
-                .as_chunks::<LANES>()
-                .0
-                .iter()
-                .zip(src.as_chunks::<LANES>().0)
-            {
-                for ((a, dy), s) in acc.iter_mut().zip(dy).zip(src) {
+    let mut acc = [[0f32; LANES]; T];
+    for (oy, dy) in dy_rows.chunks_exact(width).enumerate() {
+        let row = &padded[oy * step..];
+        for (c, dy) in dy.as_chunks::<LANES>().0.iter().enumerate() {
+            for (a, &tap) in acc.iter_mut().zip(taps) {
+                let src = row[tap + c * LANES..]
+                    .first_chunk::<LANES>()
+                    .expect("padded");
+                for ((a, dy), s) in a.iter_mut().zip(dy).zip(src) {
                     *a = dy.mul_add(*s, *a);
                 }
             }
         }
-        *d = acc.iter().sum();
+    }
+    for (d, a) in dw.iter_mut().zip(acc) {
+        *d = a.iter().sum();
     }
 }
 
