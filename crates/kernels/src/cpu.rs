@@ -637,19 +637,13 @@ fn depthwise_plane_weight_grad(
     dy_rows: &[f32],
     dw: &mut [f32],
 ) {
-    let grouped = taps.len() / TAP_GROUP * TAP_GROUP;
-    let (dw_grouped, dw_rest) = dw.split_at_mut(grouped);
-    for (d, t) in dw_grouped
-        .chunks_exact_mut(TAP_GROUP)
-        .zip(taps.chunks_exact(TAP_GROUP))
-    {
-        weight_grad_taps::<TAP_GROUP>(g, t, padded, dy_rows, d);
+    let (dw_groups, dw_rest) = dw.as_chunks_mut::<TAP_GROUP>();
+    let (tap_groups, tap_rest) = taps.as_chunks::<TAP_GROUP>();
+    for (d, t) in dw_groups.iter_mut().zip(tap_groups) {
+        weight_grad_taps(g, t, padded, dy_rows, d);
     }
-    for (d, t) in dw_rest
-        .chunks_exact_mut(1)
-        .zip(taps[grouped..].chunks_exact(1))
-    {
-        weight_grad_taps::<1>(g, t, padded, dy_rows, d);
+    for (d, t) in dw_rest.iter_mut().zip(tap_rest) {
+        weight_grad_taps(g, &[*t], padded, dy_rows, std::array::from_mut(d));
     }
 }
 
@@ -664,10 +658,10 @@ const TAP_GROUP: usize = 4;
 #[inline(always)]
 fn weight_grad_taps<const T: usize>(
     g: &ConvGeometry,
-    taps: &[usize],
+    taps: &[usize; T],
     padded: &[f32],
     dy_rows: &[f32],
-    dw: &mut [f32],
+    dw: &mut [f32; T],
 ) {
     let step = g.sh * g.sw * depthwise_phase_width(g);
     let width = g.ow.next_multiple_of(LANES);
